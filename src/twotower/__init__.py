@@ -1,0 +1,17 @@
+"""twotower: Nemotron-Labs-TwoTower, a block-wise autoregressive diffusion LM, in plain PyTorch."""
+
+from .cache import HybridCache
+from .config import NemotronHConfig, nemotron_3_nano_30b_config
+from .generation import GenerateOutput, GenerationStats, generate_ar
+from .modeling import NemotronHForCausalLM, NemotronHModel
+
+__all__ = [
+    "HybridCache",
+    "NemotronHConfig",
+    "nemotron_3_nano_30b_config",
+    "GenerateOutput",
+    "GenerationStats",
+    "generate_ar",
+    "NemotronHForCausalLM",
+    "NemotronHModel",
+]

@@ -1,0 +1,167 @@
+"""Autoregressive decoding, token sampling and generation statistics shared by every mode."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class GenerationStats:
+    """What a generate call cost. Counts exclude prompt and padding tokens."""
+
+    generated_tokens: int = 0
+    denoiser_forwards: int = 0
+    context_forwards: int = 0
+    wall_time: float = 0.0
+    first_block_latency: float | None = None
+
+    @property
+    def tokens_per_denoiser_forward(self) -> float:
+        return self.generated_tokens / self.denoiser_forwards if self.denoiser_forwards else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.wall_time if self.wall_time else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "generated_tokens": self.generated_tokens,
+            "denoiser_forwards": self.denoiser_forwards,
+            "context_forwards": self.context_forwards,
+            "tokens_per_denoiser_forward": self.tokens_per_denoiser_forward,
+            "wall_time": self.wall_time,
+            "tokens_per_second": self.tokens_per_second,
+            "first_block_latency": self.first_block_latency,
+        }
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [b, prompt + generated], finished rows padded with pad_token_id
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def validate_prompt(input_ids: torch.Tensor, vocab_size: int, attention_mask: torch.Tensor | None = None,
+                    forbidden_id: int | None = None) -> None:
+    """Raise ValueError for prompts a model cannot take: empty, out-of-vocabulary, a forbidden id."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (
+            torch.int64, torch.int32):
+        raise ValueError("input_ids must be an integer tensor of shape [batch, length]")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if not bool(attention_mask.bool().any(-1).all()):
+            raise ValueError("empty prompt: a row of attention_mask has no real token")
+    real = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
+    lo, hi = int(real.min()), int(real.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size})")
+    if forbidden_id is not None and bool((real == forbidden_id).any()):
+        raise ValueError(f"the prompt contains token id {forbidden_id} (the mask token), which only the "
+                         "sampler may place")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf. logits [..., v]."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row from logits [b, v]: argmax when temperature <= 0, else sampled."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def decode_ar(step, cache, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+              top_k: int | None = None, top_p: float | None = None, generator=None,
+              eos_token_id: int | None = None, pad_token_id: int = 0, streamer=None,
+              stats: GenerationStats | None = None) -> torch.Tensor:
+    """The AR loop: sample from `logits` [b, v], feed the token back through `step(ids [b', 1],
+    cache) -> logits [b', v]`, until `max_new_tokens` or every row has emitted EOS.
+
+    Finished rows leave the batch (the cache keeps only active rows), so they cost nothing.
+    Returns the generated tokens [b, n] (n <= max_new_tokens), pad_token_id after a row's EOS.
+    """
+    b = logits.shape[0]
+    out = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=logits.device)
+    active = torch.arange(b, device=logits.device)
+    n = 0
+    for n in range(1, max_new_tokens + 1):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        out[active, n - 1] = token
+        if stats is not None:
+            stats.generated_tokens += token.numel()
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if n == max_new_tokens:
+            break
+        if eos_token_id is not None:
+            keep = token != eos_token_id
+            if not bool(keep.all()):
+                active, token, cache = active[keep], token[keep], cache.select(keep)
+                if active.numel() == 0:
+                    break
+        logits = step(token[:, None], cache)
+    return out[:, :n]
+
+
+@torch.no_grad()
+def generate_ar(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                eos_token_id: int | None = None, streamer=None, return_dict_in_generate: bool = False):
+    """Cached autoregressive generation with a single-tower model.
+
+    Batches of prompts of different lengths are left-padded with `attention_mask` (0 = pad);
+    every row gets the tokens it would get alone. Returns [b, prompt + generated] or a
+    `GenerateOutput` with statistics.
+    """
+    config = model.config
+    validate_prompt(input_ids, config.vocab_size, attention_mask)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    stats, start = GenerationStats(), time.perf_counter()
+    cache = model.new_cache()
+    logits = model(input_ids, cache, attention_mask, logits_to_keep=1)[:, -1]
+    stats.context_forwards += 1
+
+    def step(ids, cache):
+        stats.context_forwards += 1
+        return model(ids, cache, logits_to_keep=1)[:, -1]
+
+    new = decode_ar(step, cache, logits, max_new_tokens, temperature, top_k, top_p, generator,
+                    eos_token_id, config.pad_token_id or 0, streamer, stats)
+    if streamer is not None:
+        streamer.end()
+    stats.wall_time = time.perf_counter() - start
+    sequences = torch.cat([input_ids, new], dim=1)
+    return GenerateOutput(sequences, stats) if return_dict_in_generate else sequences

@@ -1,0 +1,92 @@
+"""The Mamba-2 mixer of NemotronH (reference-spec section 2.4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import GatedRMSNorm
+from .ssd import ssd_chunked, ssd_step
+
+MambaState = tuple[torch.Tensor, torch.Tensor]  # (conv [b, conv_dim, K-1], ssm [b, h, p, n] float32)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tensor | None):
+    """Depthwise causal conv over time, then SiLU.
+
+    x [b, l, c] raw inputs; weight [c, K]; history [b, c, K-1] the previous K-1 raw inputs (zeros
+    for a fresh sequence). Returns (out [b, l, c], new history [b, c, K-1]).
+    """
+    b, l, c = x.shape
+    k = weight.shape[-1]
+    if history is None:
+        history = x.new_zeros(b, c, k - 1)
+    seq = torch.cat([history.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [b, c, K-1+l]
+    if l == 1:  # decode: one dot product per channel
+        out = (seq * weight).sum(-1, keepdim=True) + (0 if bias is None else bias[:, None])
+    else:
+        out = F.conv1d(seq, weight[:, None, :], bias, groups=c)
+    return F.silu(out).transpose(1, 2), seq[:, :, seq.shape[-1] - (k - 1):]
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj -> (z, xBC, dt); causal conv on xBC; SSD scan; gated group norm; out_proj.
+
+    forward(u [b, l, d], state=None, pad_mask=None) -> (out [b, l, d], new state).
+    `state` seeds the conv history and the SSM state (a cache, or the context tower's state
+    when the denoiser starts a block). Positions where `pad_mask` [b, l] is False leave the
+    state untouched and output zeros before out_proj.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.intermediate_size = config.mamba_intermediate_size
+        self.conv_dim = config.mamba_conv_dim
+        self.chunk_size = config.chunk_size
+        self.dt_min, self.dt_max = (float(v) for v in config.time_step_limit)
+        self.in_proj = nn.Linear(
+            config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.use_bias
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
+            padding=config.conv_kernel - 1, bias=config.use_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(
+            self.intermediate_size, self.intermediate_size // self.n_groups, eps=config.layer_norm_epsilon
+        )
+        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+
+    def forward(self, u: torch.Tensor, state: MambaState | None = None, pad_mask: torch.Tensor | None = None):
+        b, l, _ = u.shape
+        z, xBC, dt = self.in_proj(u).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        if pad_mask is not None:
+            xBC = xBC * pad_mask[..., None].to(xBC.dtype)
+        conv_history, ssm_state = state if state is not None else (None, None)
+        xBC, conv_history = causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_history)
+        group_width = self.n_groups * self.state_size
+        x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
+        if pad_mask is not None:
+            dt = dt * pad_mask[..., None]  # dt = 0: no input and no decay at padding
+        A = -torch.exp(self.A_log.float())
+        x = x.reshape(b, l, self.num_heads, self.head_dim)
+        B = B.reshape(b, l, self.n_groups, self.state_size)
+        C = C.reshape(b, l, self.n_groups, self.state_size)
+        if l == 1 and ssm_state is not None:
+            y, ssm_state = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+            y = y[:, None]
+        else:
+            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state)
+        y = y + self.D.float()[:, None] * x.float()
+        y = self.norm(y.reshape(b, l, -1), z)
+        if pad_mask is not None:
+            y = y * pad_mask[..., None].to(y.dtype)
+        return self.out_proj(y.to(u.dtype)), (conv_history, ssm_state)

@@ -1,0 +1,210 @@
+"""The NemotronH hybrid tower and the single-tower causal LM.
+
+A tower is embeddings -> pre-norm residual blocks (Mamba-2 'M', attention '*', MoE 'E',
+dense MLP '-') -> norm_f. Parameter names follow the hub checkpoints (`backbone.*`,
+per-expert `experts.{e}`), so their state dicts load as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .attention import Attention
+from .cache import HybridCache
+from .config import NemotronHConfig
+from .generation import generate_ar
+from .hub import load_into, save_state_dict
+from .mamba2 import Mamba2Mixer
+from .mlp import MLP
+from .moe import MoE, Router
+from .norm import GatedRMSNorm, RMSNorm
+from .time_conditioning import modulate
+
+
+def causal_mask(key_mask: torch.Tensor | None, past: int, length: int, device) -> torch.Tensor | None:
+    """Bool mask [b or 1, 1, length, past+length]: query i sees keys 0..past+i that are not padding.
+
+    Returns None for a single query without padding (it sees everything).
+    """
+    if length == 1 and key_mask is None:
+        return None
+    q = torch.arange(past, past + length, device=device)[:, None]
+    k = torch.arange(past + length, device=device)[None, :]
+    mask = (k <= q)[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :]
+    return mask
+
+
+class Block(nn.Module):
+    """h + mixer(norm(h)); with `modulation` (shift, scale, gate) [b, d] each, the denoiser form:
+
+    Mamba and attention modulate before the norm, MoE and MLP after it, and the gate scales
+    the mixer output before the residual add (reference-spec section 1.4).
+    """
+
+    def __init__(self, config: NemotronHConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        if kind == "M":
+            self.mixer = Mamba2Mixer(config)
+        elif kind == "*":
+            self.mixer = Attention(config)
+        elif kind == "E":
+            self.mixer = MoE(config)
+        else:
+            self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(self, h, state=None, mask=None, pad_mask=None, modulation=None):
+        if modulation is None:
+            u = self.norm(h)
+        elif self.kind in "M*":
+            u = self.norm(modulate(h, modulation[0], modulation[1]))
+        else:
+            u = modulate(self.norm(h), modulation[0], modulation[1])
+        if self.kind == "M":
+            y, state = self.mixer(u, state, pad_mask)
+        elif self.kind == "*":
+            y, state = self.mixer(u, state, mask)
+        else:
+            y, state = self.mixer(u), None
+        if modulation is not None:
+            y = y * modulation[2][:, None].to(y.dtype)
+        return h + y, state
+
+
+class NemotronHModel(nn.Module):
+    """The tower: embeddings, blocks, norm_f. forward(ids [b, l]) -> hidden states [b, l, d]."""
+
+    def __init__(self, config: NemotronHConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, kind) for kind in config.layer_kinds)
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def new_cache(self) -> HybridCache:
+        return HybridCache.empty(len(self.layers))
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal forward. `attention_mask` [b, l] marks the real tokens of `input_ids` (0 = left
+        padding). With a `cache`, the input continues the cached sequence and the cache is updated
+        in place; inputs longer than `config.prefill_chunk_size` are run chunk by chunk.
+        """
+        chunk = self.config.prefill_chunk_size
+        if cache is None or input_ids.shape[1] <= chunk:
+            return self._forward(input_ids, cache, attention_mask)
+        outs = [
+            self._forward(input_ids[:, i:i + chunk], cache,
+                          None if attention_mask is None else attention_mask[:, i:i + chunk])
+            for i in range(0, input_ids.shape[1], chunk)
+        ]
+        return torch.cat(outs, dim=1)
+
+    def _forward(self, input_ids, cache, attention_mask):
+        b, l = input_ids.shape
+        if l == 0:
+            raise ValueError("empty input: input_ids has no positions")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        past = cache.length if cache is not None else 0
+        new_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        past_mask = cache.pad_mask if cache is not None else None
+        key_mask = None  # [b, past + l], True at real tokens; None while nothing is padded
+        if new_mask is not None or past_mask is not None:
+            ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=input_ids.device)  # noqa: E731
+            key_mask = torch.cat([ones(past) if past_mask is None else past_mask,
+                                  ones(l) if new_mask is None else new_mask], dim=1)
+        mask = causal_mask(key_mask, past, l, input_ids.device)
+        pad_mask = None if key_mask is None else key_mask[:, past:]
+        h = self.embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            h, state = layer(h, cache.states[i] if cache is not None else None, mask, pad_mask)
+            if cache is not None:
+                cache.states[i] = state
+        if cache is not None:
+            cache.length += l
+            cache.pad_mask = key_mask
+        return self.norm_f(h)
+
+
+class NemotronHPreTrainedModel(PreTrainedModel):
+    config_class = NemotronHConfig
+    base_model_prefix = "backbone"
+    _no_split_modules = ["Block"]
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype: torch.dtype | None = None, device="cpu", **config_overrides):
+        """Load a checkpoint folder (hub or transformers layout, sharded or not) without a second
+        copy of the weights in memory: the model is built on `meta` and filled from mmap'd shards."""
+        config = cls.config_class.from_pretrained(folder, **config_overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        load_into(model, folder, dtype=dtype, device=device)
+        return model.eval()
+
+    def save_pretrained(self, folder, max_shard_bytes: int = 5 * 2**30, **_):
+        """Write config.json and the weights in the hub layout (sharded above `max_shard_bytes`)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(folder)
+        save_state_dict(self.state_dict(), folder, max_shard_bytes)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Initialisation for training from scratch (checkpoint loading overwrites all of it)."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, Router):
+            nn.init.normal_(module.weight, std=std)
+            module.e_score_correction_bias.zero_()
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+            module.weight.fill_(1.0)
+        elif isinstance(module, nn.Conv1d):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(module, Mamba2Mixer):
+            cfg = self.config
+            module.A_log.copy_(torch.log(torch.arange(1, module.num_heads + 1, dtype=torch.float32)))
+            module.D.fill_(1.0)
+            dt = torch.exp(torch.rand(module.num_heads) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+                           + math.log(cfg.time_step_min)).clamp(min=cfg.time_step_floor)
+            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+
+class NemotronHForCausalLM(NemotronHPreTrainedModel):
+    """Single-tower NemotronH LM: `backbone` (the tower) and an untied `lm_head`."""
+
+    def __init__(self, config: NemotronHConfig):
+        super().__init__(config)
+        self.backbone = NemotronHModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def new_cache(self) -> HybridCache:
+        return self.backbone.new_cache()
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Float32 logits [b, l, vocab] (only the last `logits_to_keep` positions if > 0)."""
+        h = self.backbone(input_ids, cache, attention_mask)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(h).float()
+
+    def generate_ar(self, input_ids, **kwargs):
+        """Cached AR generation; see `twotower.generation.generate_ar`."""
+        return generate_ar(self, input_ids, **kwargs)

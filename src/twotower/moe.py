@@ -1,0 +1,94 @@
+"""The NemotronH mixture-of-experts layer (reference-spec section 2.5).
+
+Sigmoid router; the correction bias only chooses the experts, the unbiased scores weight them;
+top-k weights are normalised and scaled by `routed_scaling_factor`; every token also goes
+through the shared expert.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mlp import MLP
+
+ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def route(
+    u: torch.Tensor,
+    weight: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    scaling: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+):
+    """Choose experts for each token. u [t, d] -> (expert ids [t, k], weights [t, k] in `dtype`)."""
+    scores = torch.sigmoid(u.to(dtype) @ weight.to(dtype).T)  # [t, e]
+    choice = scores + correction_bias.to(dtype)
+    if n_group > 1:  # keep the experts of the `topk_group` best groups (a group scores its best two)
+        t, e = choice.shape
+        grouped = choice.view(t, n_group, e // n_group)
+        best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
+        keep = torch.zeros(t, n_group, dtype=torch.bool, device=u.device).scatter_(1, best_groups, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(t, e)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling
+
+
+class Router(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.dtype = ROUTER_DTYPES[config.router_dtype]
+
+    def forward(self, u: torch.Tensor):
+        return route(
+            u, self.weight, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+            self.norm_topk_prob, self.scaling, self.dtype,
+        )
+
+
+class MoE(nn.Module):
+    """forward(u [b, l, d]) -> [b, l, d]: sum_j w_j * expert_{id_j}(u) + shared_expert(u).
+
+    Tokens are grouped by expert (one matmul pair per expert that has tokens), not looped over.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.moe_intermediate_size, config.mlp_bias)
+            for _ in range(config.n_routed_experts)
+        )
+        self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size, config.mlp_bias)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        flat = u.reshape(-1, u.shape[-1])
+        ids, weights = self.gate(flat)
+        top_k = ids.shape[1]
+        order = ids.flatten().argsort(stable=True)  # assignments sorted by expert
+        counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
+        tokens = order // top_k
+        routed = torch.zeros_like(flat, dtype=torch.float32)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                rows = order[start:start + count]
+                y = expert(flat[tokens[start:start + count]])
+                routed.index_add_(0, tokens[start:start + count], y.float() * weights.flatten()[rows, None].float())
+                start += count
+        return (routed.to(u.dtype) + self.shared_experts(flat)).view_as(u)

@@ -1,0 +1,83 @@
+"""Byte-level BPE tokenizer for the small models trained from scratch.
+
+Byte-level means every UTF-8 string round-trips exactly (there is no unknown character), and no
+lowercasing or other normalisation is applied. The four special tokens have fixed ids so the model,
+the diffusion masking and the data shards can rely on them without looking them up:
+
+    0 <unk>   also the padding token
+    1 <s>     beginning of sequence
+    2 </s>    end of sequence, appended after every document
+    3 <mask>  the diffusion mask token
+
+Encoding text never inserts <s> or </s> by itself; callers add them where they want them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+PAD_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
+UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN = "<unk>", "<s>", "</s>", "<mask>"
+SPECIAL_TOKENS = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, MASK_TOKEN]  # list position = id
+
+
+def train_tokenizer(
+    files: list[str | Path],
+    out_dir: str | Path,
+    vocab_size: int = 4096,
+    min_frequency: int = 2,
+) -> transformers.PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the text files and save it to `out_dir`.
+
+    `out_dir` gets `tokenizer.json` and `tokenizer_config.json`, so
+    `transformers.AutoTokenizer.from_pretrained(out_dir)` loads it with the special tokens set.
+    The same files and settings always give the same tokenizer.
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        raise ValueError("train_tokenizer needs at least one text file")
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"tokenizer training file {f} does not exist or is not a file")
+    # 256 byte symbols + the specials must fit, or BPE has no room for a single merge
+    if vocab_size <= 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be larger than {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+
+    bpe = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones
+        show_progress=False,
+    )
+    bpe.train([str(f) for f in files], trainer)
+    assert [bpe.token_to_id(t) for t in SPECIAL_TOKENS] == [PAD_ID, BOS_ID, EOS_ID, MASK_ID]
+
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token=UNK_TOKEN,
+        pad_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        mask_token=MASK_TOKEN,
+        clean_up_tokenization_spaces=False,  # keep " ." and " 's" as written: exact round trip
+    )
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerFast:
+    """Load a tokenizer saved by `train_tokenizer` (or any folder with a `tokenizer.json`)."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(
+            f"no tokenizer at {path}: expected {path / 'tokenizer.json'} "
+            "(train one with twotower.tokenizer.train_tokenizer)"
+        )
+    return transformers.AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,346 @@
+"""The NemotronH backbone against independent references: transformers' NemotronHForCausalLM,
+the plain SSM recurrence, a per-token MoE loop, and recompute-from-scratch for every cache path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+
+from conftest import randomize, tiny_config
+from twotower import NemotronHForCausalLM, nemotron_3_nano_30b_config
+from twotower.config import NemotronHConfig
+from twotower.hub import to_transformers_layout
+from twotower.moe import MoE
+from twotower.ssd import ssd_chunked, ssd_sequential
+
+PATTERNS = ["M*EM-E*M", "*EMM-", "EM*-ME"]
+
+
+def build(pattern="M*EM-E*M", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return randomize(NemotronHForCausalLM(tiny_config(pattern, **overrides)).eval(), seed=seed)
+
+
+def to_transformers(model):
+    hf = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**model.config.to_dict())).eval()
+    hf.load_state_dict(to_transformers_layout(model.state_dict()), strict=True)
+    return hf
+
+
+# ---------------------------------------------------------------- parity with transformers
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("n_group", [1, 2])
+def test_full_forward_matches_transformers(pattern, n_group):
+    model = build(pattern, seed=len(pattern) + n_group, n_group=n_group, topk_group=1)
+    hf = to_transformers(model)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cached_decoding_matches_transformers(pattern):
+    model = build(pattern, seed=3)
+    hf = to_transformers(model)
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = model.new_cache()
+        ours = [model(ids[:, :9], cache)[:, -1]]
+        out = hf(ids[:, :9], use_cache=True)
+        theirs, hf_cache = [out.logits[:, -1]], out.cache
+        for t in range(9, 17):
+            ours.append(model(ids[:, t:t + 1], cache)[:, -1])
+            out = hf(ids[:, t:t + 1], cache=hf_cache, use_cache=True)
+            theirs.append(out.logits[:, -1])
+            hf_cache = out.cache
+    assert (torch.stack(ours) - torch.stack(theirs)).abs().max() <= 1e-4
+
+
+def test_float64_router_matches_float32_router_closely_but_is_used():
+    model = build(seed=4)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = model(ids)
+        for layer in model.backbone.layers:
+            if layer.kind == "E":
+                layer.mixer.gate.dtype = torch.float64
+        b = model(ids)
+    assert (a - b).abs().max() <= 1e-4
+    assert model.backbone.layers[2].mixer.gate(torch.randn(3, 32))[1].dtype == torch.float64
+
+
+def test_dt_limit_is_the_configs():
+    """No clamp by default (the kernels' (0, inf)); with time_step_limit=(time_step_min, inf) our
+    prefill equals transformers' torch prefill, which always clamps at time_step_min."""
+    model = build("M*M", seed=11, time_step_min=0.05)
+    hf = to_transformers(model)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        free = model(ids)
+        clamped = build("M*M", seed=11, time_step_min=0.05, time_step_limit=(0.05, float("inf")))(ids)
+        theirs = hf(ids).logits
+    assert (clamped - theirs).abs().max() <= 1e-4
+    assert (free - theirs).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- cache exactness
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8, 13, 20])
+def test_prefill_then_extension_equals_full_forward(chunk):
+    model = build(seed=5)
+    ids = torch.randint(0, 97, (2, 47), generator=torch.Generator().manual_seed(chunk))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        pieces = [model(ids[:, :7], cache)]  # 7: not a multiple of the SSD chunk (8)
+        for i in range(7, 47, chunk):
+            pieces.append(model(ids[:, i:i + chunk], cache))
+    assert cache.length == 47
+    assert (torch.cat(pieces, 1) - full).abs().max() <= 1e-5
+
+
+def test_chunked_prefill_equals_one_pass():
+    model = build(seed=6)
+    ids = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one = model.new_cache()
+        a = model(ids, one)
+        model.config.prefill_chunk_size = 9
+        many = model.new_cache()
+        b = model(ids, many)
+    assert (a - b).abs().max() <= 1e-5
+    for s1, s2 in zip(one.states, many.states):
+        if s1 is not None:
+            for t1, t2 in zip(s1, s2):
+                assert (t1 - t2).abs().max() <= 1e-5
+
+
+def test_cache_clone_select_and_to():
+    model = build(seed=7)
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids, cache)
+        snap = cache.clone()
+        nxt = torch.tensor([[5], [6], [7]])
+        after = model(nxt, cache)
+        again = model(nxt, snap.to("cpu"))  # the snapshot was not touched by the first extension
+        rows = model(nxt[[0, 2]], model_cache_select(model, ids, [0, 2]))
+    assert torch.equal(after, again)
+    assert (rows - after[[0, 2]]).abs().max() <= 1e-5
+
+
+def model_cache_select(model, ids, rows):
+    cache = model.new_cache()
+    model(ids, cache)
+    return cache.select(torch.tensor(rows))
+
+
+def test_long_prompt_prefill_memory_is_bounded():
+    """A 16K-token prompt on a tiny config, prefilled in 1K chunks, in a fresh process: its peak RSS
+    stays far below what one-pass attention scores (16K x 16K x heads floats = 4 GiB) would need."""
+    code = textwrap.dedent("""
+        import resource, sys, torch
+        sys.path.insert(0, "tests")
+        from conftest import tiny_config
+        from twotower import NemotronHForCausalLM
+        torch.manual_seed(0)
+        model = NemotronHForCausalLM(tiny_config(prefill_chunk_size=1024)).eval()
+        ids = torch.randint(4, 97, (1, 16384))
+        with torch.no_grad():
+            cache = model.new_cache()
+            logits = model(ids, cache, logits_to_keep=1)
+        assert cache.length == 16384 and torch.isfinite(logits).all()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak_mib = int(out.stdout.split()[-1])
+    assert peak_mib < 1200, f"peak RSS {peak_mib} MiB"
+
+
+# ---------------------------------------------------------------- SSD scan and MoE references
+
+def explicit_recurrence(x, dt, A, B, C, state):
+    """The SSM recurrence written per batch row and head with no vectorisation at all."""
+    b, l, h, p = x.shape
+    heads_per_group = h // B.shape[2]
+    y = torch.zeros(b, l, h, p)
+    state = state.clone()
+    for i in range(b):
+        for t in range(l):
+            for j in range(h):
+                g = j // heads_per_group
+                state[i, j] = torch.exp(dt[i, t, j] * A[j]) * state[i, j] + dt[i, t, j] * torch.outer(x[i, t, j], B[i, t, g])
+                y[i, t, j] = state[i, j] @ C[i, t, g]
+    return y, state
+
+
+@pytest.mark.parametrize("length,chunk", [(1, 8), (7, 8), (16, 8), (37, 8), (20, 128)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_scan_equals_sequential_recurrence(length, chunk, with_state):
+    g = torch.Generator().manual_seed(length)
+    b, h, p, n, groups = 2, 4, 3, 5, 2
+    x = torch.randn(b, length, h, p, generator=g)
+    dt = torch.rand(b, length, h, generator=g) * 0.5
+    A = -torch.rand(h, generator=g) * 2
+    B, C = torch.randn(b, length, groups, n, generator=g), torch.randn(b, length, groups, n, generator=g)
+    init = torch.randn(b, h, p, n, generator=g) * 10 if with_state else torch.zeros(b, h, p, n)
+    y1, s1 = ssd_chunked(x, dt, A, B, C, chunk, init if with_state else None)
+    y2, s2 = ssd_sequential(x, dt, A, B, C, init)
+    y3, s3 = explicit_recurrence(x, dt, A, B, C, init)
+    assert (y1 - y3).abs().max() <= 1e-4 and (s1 - s3).abs().max() <= 1e-4
+    assert (y2 - y3).abs().max() <= 1e-4 and (s2 - s3).abs().max() <= 1e-4
+
+
+def test_moe_equals_naive_per_token_loop():
+    config = tiny_config()
+    torch.manual_seed(0)
+    moe = MoE(config)
+    randomize(moe, seed=9)
+    u = torch.randn(3, 5, 32)
+    out = moe(u)
+    flat = u.reshape(-1, 32)
+    expected = torch.zeros_like(flat)
+    for i, tok in enumerate(flat):
+        scores = torch.sigmoid(moe.gate.weight @ tok)
+        ids = (scores + moe.gate.e_score_correction_bias).topk(config.num_experts_per_tok).indices
+        w = scores[ids] / scores[ids].sum() * config.routed_scaling_factor
+        for wj, e in zip(w, ids):
+            expert = moe.experts[int(e)]
+            expected[i] += wj * (expert.down_proj.weight @ torch.relu(expert.up_proj.weight @ tok) ** 2)
+        shared = moe.shared_experts
+        expected[i] += shared.down_proj.weight @ torch.relu(shared.up_proj.weight @ tok) ** 2
+    assert (out.reshape(-1, 32) - expected).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------- AR generation
+
+def left_pad(prompts, pad=0):
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_batched_generation_with_left_padding_equals_one_by_one():
+    model = build(seed=8, head_std=8.0)
+    prompts = [[5, 9, 11], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [20], [30, 31, 32, 33, 34]]
+    ids, mask = left_pad(prompts)
+    batched = model.generate_ar(ids, attention_mask=mask, max_new_tokens=12)
+    for i, p in enumerate(prompts):
+        alone = model.generate_ar(torch.tensor([p]), max_new_tokens=12)[0, len(p):]
+        assert batched[i, ids.shape[1]:].tolist() == alone.tolist()
+
+
+def test_eos_stops_a_row_and_pads_it():
+    model = build(seed=8, head_std=8.0)
+    ids = torch.tensor([[5, 9, 11], [7, 8, 9]])
+    free = model.generate_ar(ids, max_new_tokens=10)
+    eos = int(free[0, 5])  # the 3rd generated token of row 0 becomes "EOS"
+    out = model.generate_ar(ids, max_new_tokens=10, eos_token_id=eos, return_dict_in_generate=True)
+    row = out.sequences[0, 3:].tolist()
+    first = row.index(eos)
+    assert all(t == 0 for t in row[first + 1:])
+    assert row[:first] == free[0, 3:3 + first].tolist()
+
+
+def test_sampling_is_seeded():
+    model = build(seed=8)
+    ids = torch.tensor([[5, 9, 11]])
+    def run(seed):
+        return model.generate_ar(ids, max_new_tokens=16, temperature=1.0, top_k=20, top_p=0.9,
+                                 generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+# ---------------------------------------------------------------- the 30B preset and errors
+
+def test_nano_30b_preset_on_meta_has_the_hub_keys_and_size():
+    config = nemotron_3_nano_30b_config()
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    n = sum(v.numel() for v in model.parameters())
+    assert abs(n / 31.58e9 - 1) < 0.005, n
+    assert config.layer_kinds.count("M") == 23 and config.layer_kinds.count("E") == 23
+    assert [i for i, k in enumerate(config.layer_kinds) if k == "*"] == [5, 12, 19, 26, 33, 42]
+    expected = {
+        "backbone.embeddings.weight": (131072, 2688),
+        "backbone.layers.0.norm.weight": (2688,),
+        "backbone.layers.0.mixer.in_proj.weight": (10304, 2688),
+        "backbone.layers.0.mixer.conv1d.weight": (6144, 1, 4),
+        "backbone.layers.0.mixer.conv1d.bias": (6144,),
+        "backbone.layers.0.mixer.A_log": (64,),
+        "backbone.layers.0.mixer.D": (64,),
+        "backbone.layers.0.mixer.dt_bias": (64,),
+        "backbone.layers.0.mixer.norm.weight": (4096,),
+        "backbone.layers.0.mixer.out_proj.weight": (2688, 4096),
+        "backbone.layers.5.mixer.q_proj.weight": (4096, 2688),
+        "backbone.layers.5.mixer.k_proj.weight": (256, 2688),
+        "backbone.layers.5.mixer.v_proj.weight": (256, 2688),
+        "backbone.layers.5.mixer.o_proj.weight": (2688, 4096),
+        "backbone.layers.1.mixer.gate.weight": (128, 2688),
+        "backbone.layers.1.mixer.gate.e_score_correction_bias": (128,),
+        "backbone.layers.1.mixer.experts.127.up_proj.weight": (1856, 2688),
+        "backbone.layers.1.mixer.experts.0.down_proj.weight": (2688, 1856),
+        "backbone.layers.1.mixer.shared_experts.up_proj.weight": (3712, 2688),
+        "backbone.layers.1.mixer.shared_experts.down_proj.weight": (2688, 3712),
+        "backbone.norm_f.weight": (2688,),
+        "lm_head.weight": (131072, 2688),
+    }
+    for k, shape in expected.items():
+        assert shapes[k] == shape, k
+    # every key is one of the hub's forms: no extra parameters of our own
+    allowed = {"norm.weight", "in_proj.weight", "conv1d.weight", "conv1d.bias", "A_log", "D", "dt_bias",
+               "mixer.norm.weight", "out_proj.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
+               "o_proj.weight", "gate.weight", "gate.e_score_correction_bias", "up_proj.weight", "down_proj.weight"}
+    for k in shapes:
+        if k.startswith("backbone.layers."):
+            assert any(k.endswith(a) for a in allowed), k
+    assert len(shapes) == 3 + 23 * 9 + 6 * 5 + 23 * (2 + 1 + 128 * 2 + 2)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(hybrid_override_pattern="M*X"),
+    dict(hybrid_override_pattern=""),
+    dict(num_attention_heads=5, num_key_value_heads=2),
+    dict(mamba_num_heads=6, n_groups=4),
+    dict(num_experts_per_tok=9),
+    dict(router_dtype="float16"),
+])
+def test_bad_config_is_a_clear_error(bad):
+    values = dict(hybrid_override_pattern="M*E")
+    values.update(bad)
+    with pytest.raises(ValueError):
+        tiny_config(**values)
+
+
+def test_bad_prompts_are_clear_errors():
+    model = build(seed=1)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate_ar(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.generate_ar(torch.tensor([[5, 97]]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.generate_ar(torch.tensor([[-1, 5]]))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate_ar(torch.tensor([[5]]), max_new_tokens=0)
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.tensor([[5, 200]]))
+
+
+def test_config_json_round_trip_keeps_our_fields(tmp_path):
+    config = tiny_config(router_dtype="float64", prefill_chunk_size=64)
+    config.save_pretrained(tmp_path)
+    again = NemotronHConfig.from_pretrained(tmp_path)
+    assert again.router_dtype == "float64" and again.prefill_chunk_size == 64
+    assert again.layer_kinds == config.layer_kinds

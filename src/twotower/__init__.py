@@ -4,6 +4,7 @@ from .cache import HybridCache
 from .config import NemotronHConfig, nemotron_3_nano_30b_config
 from .generation import GenerateOutput, GenerationStats, generate_ar
 from .modeling import NemotronHForCausalLM, NemotronHModel
+from .two_tower import TwoTowerConfig, TwoTowerForCausalLM
 
 __all__ = [
     "HybridCache",
@@ -14,4 +15,6 @@ __all__ = [
     "generate_ar",
     "NemotronHForCausalLM",
     "NemotronHModel",
+    "TwoTowerConfig",
+    "TwoTowerForCausalLM",
 ]

@@ -104,8 +104,7 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k, top_p) -
 @torch.no_grad()
 def decode_ar(step, cache, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
               top_k: int | None = None, top_p: float | None = None, generator=None,
-              eos_token_id: int | None = None, pad_token_id: int = 0, streamer=None,
-              stats: GenerationStats | None = None) -> torch.Tensor:
+              eos_token_id: int | None = None, pad_token_id: int = 0, streamer=None) -> torch.Tensor:
     """The AR loop: sample from `logits` [b, v], feed the token back through `step(ids [b', 1],
     cache) -> logits [b', v]`, until `max_new_tokens` or every row has emitted EOS.
 
@@ -119,8 +118,6 @@ def decode_ar(step, cache, logits: torch.Tensor, max_new_tokens: int, temperatur
     for n in range(1, max_new_tokens + 1):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         out[active, n - 1] = token
-        if stats is not None:
-            stats.generated_tokens += token.numel()
         if streamer is not None:
             streamer.put(token.cpu())
         if n == max_new_tokens:
@@ -150,6 +147,8 @@ def generate_ar(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     validate_prompt(input_ids, config.vocab_size, attention_mask)
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     stats, start = GenerationStats(), time.perf_counter()
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     cache = model.new_cache()
     logits = model(input_ids, cache, attention_mask, logits_to_keep=1)[:, -1]
     stats.context_forwards += 1
@@ -159,9 +158,29 @@ def generate_ar(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         return model(ids, cache, logits_to_keep=1)[:, -1]
 
     new = decode_ar(step, cache, logits, max_new_tokens, temperature, top_k, top_p, generator,
-                    eos_token_id, config.pad_token_id or 0, streamer, stats)
+                    eos_token_id, config.pad_token_id or 0, streamer)
+    return finish_generation(input_ids, new, eos_token_id, config.pad_token_id or 0, stats, start, streamer,
+                             return_dict_in_generate)
+
+
+def until_eos(new: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+    """Replace every token after a row's first EOS by pad. new [b, n]."""
+    if eos_token_id is None:
+        return new
+    after = (new == eos_token_id).long().cumsum(-1) - (new == eos_token_id).long() > 0
+    return new.masked_fill(after, pad_token_id)
+
+
+def finish_generation(input_ids, new, eos_token_id, pad_token_id, stats, start, streamer, return_dict):
+    """Trim after EOS, count generated tokens (up to and including EOS), close the streamer."""
+    new = until_eos(new.cpu(), eos_token_id, pad_token_id)
+    if eos_token_id is None:
+        stats.generated_tokens = new.numel()
+    else:
+        eos_at = torch.where((new == eos_token_id).any(-1), (new == eos_token_id).long().argmax(-1) + 1, new.shape[1])
+        stats.generated_tokens = int(eos_at.sum())
+    stats.wall_time = time.perf_counter() - start
     if streamer is not None:
         streamer.end()
-    stats.wall_time = time.perf_counter() - start
-    sequences = torch.cat([input_ids, new], dim=1)
-    return GenerateOutput(sequences, stats) if return_dict_in_generate else sequences
+    sequences = torch.cat([input_ids.cpu(), new], dim=1)
+    return GenerateOutput(sequences, stats) if return_dict else sequences

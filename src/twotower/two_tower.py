@@ -1,0 +1,330 @@
+"""The two-tower model: a frozen causal context tower and a denoiser tower that fills one block
+of `block_size` positions at a time by mask diffusion (reference-spec sections 1.2-1.5).
+
+Parameter names and shapes are the release's (`context_tower.*`, `context_lm_head`,
+`denoiser_tower.*`, `lm_head`, `t_embedder.mlp.{0,2}`, `t_block.1`, `scale_shift_tables.{i}`),
+so its state dict loads as it is.
+
+Denoiser layer i conditions on the context tower's layer i: attention attends, with no mask, to
+[context K/V ; the block's own K/V]; Mamba starts from the context's conv and SSM state and scans
+the block forward. Logit j predicts the token at block position j.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import HybridCache
+from .config import NemotronHConfig
+from .generation import (GenerationStats, check_sampling_args, decode_ar, finish_generation, until_eos,
+                         validate_prompt)
+from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
+from .sampler import block_time, commit_confident
+from .time_conditioning import TimestepEmbedder
+
+
+class TwoTowerConfig(NemotronHConfig):
+    """The backbone's fields plus the diffusion settings; missing ones take the release's values."""
+
+    mask_token_id: int = 3
+    block_size: int = 16
+    steps_per_block: int = 16
+    confidence_threshold: float = 0.8
+    time_embedding_dim: int = 256
+
+    def __post_init__(self, **kwargs):
+        if not self.architectures:
+            self.architectures = ["NemotronHTwoTowerForCausalLM"]
+        super().__post_init__(**kwargs)
+
+
+@dataclass
+class DenoiseStep:
+    """What `step_callback` sees after every denoising step."""
+
+    block: int  # block index within this generate call
+    step: int  # step within the block
+    tokens: torch.Tensor  # [b, L] the block now (mask_token_id where still masked)
+    committed: torch.Tensor  # [b, L] bool, positions committed at this step
+    rows: torch.Tensor  # [b] which rows of the original batch these are
+
+
+class TwoTowerForCausalLM(NemotronHPreTrainedModel):
+    config_class = TwoTowerConfig
+    base_model_prefix = "context_tower"
+
+    def __init__(self, config: TwoTowerConfig):
+        super().__init__(config)
+        h = config.hidden_size
+        self.context_tower = NemotronHModel(config)
+        self.context_lm_head = nn.Linear(h, config.vocab_size, bias=False)
+        self.denoiser_tower = NemotronHModel(config)
+        self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
+        self.t_embedder = TimestepEmbedder(h, config.time_embedding_dim)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, 3 * h))
+        self.scale_shift_tables = nn.ParameterList(
+            nn.Parameter(torch.randn(3, h) / math.sqrt(h)) for _ in range(len(config.layer_kinds))
+        )
+        self.post_init()
+        self.freeze_context()
+
+    # ------------------------------------------------------------------ construction
+
+    def freeze_context(self) -> None:
+        """The context side (tower and its head) never trains."""
+        self.context_tower.requires_grad_(False)
+        self.context_lm_head.requires_grad_(False)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:  # tables ~ N(0, 1) / sqrt(H), as the release initialises them
+            for table in self.scale_shift_tables:
+                table.normal_(std=1.0 / math.sqrt(self.config.hidden_size))
+
+    @classmethod
+    def from_single_tower(cls, backbone: NemotronHForCausalLM, **diffusion_settings) -> "TwoTowerForCausalLM":
+        """Both towers from one AR model, as the release was initialised: its body goes to both
+        towers and its head to both heads; the time conditioning starts fresh."""
+        config = TwoTowerConfig(**{**backbone.config.to_dict(), **diffusion_settings})
+        model = cls(config).to(backbone.lm_head.weight.dtype)
+        model.context_tower.load_state_dict(backbone.backbone.state_dict())
+        model.denoiser_tower.load_state_dict(backbone.backbone.state_dict())
+        model.context_lm_head.load_state_dict(backbone.lm_head.state_dict())
+        model.lm_head.load_state_dict(backbone.lm_head.state_dict())
+        return model
+
+    def context_model(self) -> NemotronHForCausalLM:
+        """The context tower and its head as a single-tower AR model (shares the weights)."""
+        config = NemotronHConfig(**{k: v for k, v in self.config.to_dict().items()
+                                    if k not in ("mask_token_id", "block_size", "steps_per_block",
+                                                 "confidence_threshold", "time_embedding_dim", "architectures")})
+        with torch.device("meta"):
+            single = NemotronHForCausalLM(config)
+        single.backbone = self.context_tower
+        single.lm_head = self.context_lm_head
+        return single
+
+    def place_towers_on_devices(self, context_device="cuda:0", denoiser_device="cuda:1") -> "TwoTowerForCausalLM":
+        """Context tower and its head on one device, the denoiser side on another; caches cross
+        once per block."""
+        self.context_tower.to(context_device)
+        self.context_lm_head.to(context_device)
+        for module in (self.denoiser_tower, self.lm_head, self.t_embedder, self.t_block, self.scale_shift_tables):
+            module.to(denoiser_device)
+        return self
+
+    @property
+    def context_device(self) -> torch.device:
+        return self.context_lm_head.weight.device
+
+    @property
+    def denoiser_device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # ------------------------------------------------------------------ the denoiser
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """adaLN-single: t [b] -> [b, 3, H], shared by all layers before each adds its own table."""
+        return self.t_block(self.t_embedder(t)).unflatten(-1, (3, -1))
+
+    def denoise_block(self, x: torch.Tensor, t: torch.Tensor | None, context: HybridCache) -> torch.Tensor:
+        """Denoiser logits for one block. x [b, L] (mask tokens where unknown), t [b] diffusion time
+        (None: no time conditioning, as mock-AR), context: the context tower's cache after the
+        committed prefix (not modified). Returns float32 logits [b, L, vocab]."""
+        device = self.denoiser_device
+        if context.batch_size and self.context_device != device:
+            context = context.to(device)
+        x = x.to(device)
+        b, l = x.shape
+        mask = None
+        if context.pad_mask is not None:  # hide the prompts' left padding
+            mask = torch.cat([context.pad_mask.to(device), torch.ones(b, l, dtype=torch.bool, device=device)], 1)
+            mask = mask[:, None, None, :]
+        t_emb = None if t is None else self.time_embedding(t.to(device))
+        h = self.denoiser_tower.embeddings(x)
+        for i, layer in enumerate(self.denoiser_tower.layers):
+            modulation = None if t_emb is None else (self.scale_shift_tables[i][None] + t_emb).unbind(1)
+            h, _ = layer(h, context.states[i], mask, None, modulation)
+        return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+
+    def encode_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       cache: HybridCache | None = None) -> HybridCache:
+        """Run the context tower over `input_ids` (continuing `cache` if given); returns the cache."""
+        cache = cache if cache is not None else self.context_tower.new_cache()
+        ids = input_ids.to(self.context_device)
+        self.context_tower(ids, cache, None if attention_mask is None else attention_mask.to(ids.device))
+        return cache
+
+    # ------------------------------------------------------------------ generation
+
+    def _settings(self, block_size, steps_per_block, mask_token_id, confidence_threshold):
+        c = self.config
+        block_size = c.block_size if block_size is None else block_size
+        steps = c.steps_per_block if steps_per_block is None else steps_per_block
+        mask_id = c.mask_token_id if mask_token_id is None else mask_token_id
+        threshold = c.confidence_threshold if confidence_threshold is None else confidence_threshold
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps_per_block must be an integer >= 1, got {steps!r}")
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {threshold}")
+        if not 0 <= mask_id < c.vocab_size:
+            raise ValueError(f"mask_token_id {mask_id} is outside the vocabulary")
+        return block_size, steps, mask_id, float(threshold)
+
+    def _context_for(self, rows: "_Rows", upto: int, use_cache: bool, stats: GenerationStats):
+        """The context tower's cache over rows.seq[:, :upto] and the hidden states of the positions it
+        just added. Cached: only positions not yet in `rows.context` are run. Reference
+        (use_cache=False): a fresh cache over the whole prefix, every time."""
+        if not use_cache or rows.context is None:
+            rows.context = self.context_tower.new_cache()
+        start = rows.context.length
+        if start >= upto:
+            return rows.context, None
+        ids = rows.seq[:, start:upto].to(self.context_device)
+        mask = None if rows.mask is None else rows.mask[:, start:upto].to(ids.device)
+        h = self.context_tower(ids, rows.context, mask)
+        stats.context_forwards += 1
+        return rows.context, h
+
+    def _begin(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, streamer,
+               forbidden_id=None):
+        validate_prompt(input_ids, self.config.vocab_size, attention_mask, forbidden_id)
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        return _Rows(input_ids.cpu(), None if attention_mask is None else attention_mask.cpu().bool()), \
+            GenerationStats(), time.perf_counter()
+
+    @torch.no_grad()
+    def generate_mask_diffusion(self, input_ids: torch.Tensor, max_new_tokens: int = 128,
+                                block_size: int | None = None, steps_per_block: int | None = None,
+                                mask_token_id: int | None = None, temperature: float = 0.0,
+                                confidence_threshold: float | None = None, eos_token_id: int | None = None,
+                                attention_mask: torch.Tensor | None = None, top_k: int | None = None,
+                                top_p: float | None = None, generator: torch.Generator | None = None,
+                                streamer=None, step_callback=None, use_cache: bool = True,
+                                return_dict_in_generate: bool = False):
+        """Block-wise mask diffusion: each block starts all-mask and is denoised for up to
+        `steps_per_block` steps, committing confident positions (see `twotower.sampler`); the
+        committed block then advances the context tower.
+
+        Prompts of different lengths are left-padded with `attention_mask`. A row stops after the
+        block holding its EOS (later tokens become pad) and leaves the batch. `use_cache=False`
+        recomputes the context tower from scratch for every block: the slow exact reference.
+        Returns [b, prompt + generated] or a `GenerateOutput` with statistics.
+        """
+        L, T, mask_id, threshold = self._settings(block_size, steps_per_block, mask_token_id, confidence_threshold)
+        rows, stats, start = self._begin(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                                         streamer, forbidden_id=mask_id)
+        pad = self.config.pad_token_id or 0
+        num_blocks = -(-max_new_tokens // L)
+        out = torch.full((input_ids.shape[0], num_blocks * L), pad, dtype=torch.long)
+        for blk in range(num_blocks):
+            context, _ = self._context_for(rows, rows.seq.shape[1], use_cache, stats)
+            x = torch.full((len(rows.index), L), mask_id, dtype=torch.long, device=self.denoiser_device)
+            for step in range(T):
+                if not bool((x == mask_id).any()):
+                    break
+                logits = self.denoise_block(x, block_time(x, mask_id), context)
+                stats.denoiser_forwards += 1
+                x, committed = commit_confident(x, logits, step, T, mask_id, threshold, temperature,
+                                                top_k, top_p, generator)
+                if step_callback is not None:
+                    step_callback(DenoiseStep(blk, step, x.cpu(), committed.cpu(), rows.index.clone()))
+            block = x.cpu()
+            out[rows.index, blk * L:(blk + 1) * L] = block
+            if stats.first_block_latency is None:
+                stats.first_block_latency = time.perf_counter() - start
+            if streamer is not None:
+                streamer.put(until_eos(block, eos_token_id, pad)[:, :max_new_tokens - blk * L])
+            rows.append(block)
+            if eos_token_id is not None:
+                rows = rows.select(~(block == eos_token_id).any(-1))
+                if len(rows.index) == 0:
+                    break
+        return finish_generation(input_ids, out[:, :max_new_tokens], eos_token_id, pad, stats, start, streamer,
+                                 return_dict_in_generate)
+
+    @torch.no_grad()
+    def generate_mock_ar(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
+                         eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
+                         top_k: int | None = None, top_p: float | None = None,
+                         generator: torch.Generator | None = None, streamer=None, use_cache: bool = True,
+                         return_dict_in_generate: bool = False):
+        """One token at a time through the denoiser, with no time conditioning: its input is the
+        last committed token, its context the state just before that token, and its head's output
+        there predicts the next token (so the context cache stays one token behind)."""
+        rows, stats, start = self._begin(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                                         streamer)
+
+        def next_logits(rows):
+            context, _ = self._context_for(rows, rows.seq.shape[1] - 1, use_cache, stats)
+            stats.denoiser_forwards += 1
+            return self.denoise_block(rows.seq[:, -1:], None, context)[:, -1]
+
+        return self._decode(input_ids, rows, next_logits, max_new_tokens, temperature, top_k, top_p, generator,
+                            eos_token_id, streamer, stats, start, return_dict_in_generate)
+
+    @torch.no_grad()
+    def generate_ar(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
+                    eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
+                    top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                    streamer=None, use_cache: bool = True, return_dict_in_generate: bool = False):
+        """Plain AR decoding with the context tower and `context_lm_head` alone."""
+        rows, stats, start = self._begin(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                                         streamer)
+
+        def next_logits(rows):
+            _, h = self._context_for(rows, rows.seq.shape[1], use_cache, stats)
+            return self.context_lm_head(h[:, -1]).float()
+
+        return self._decode(input_ids, rows, next_logits, max_new_tokens, temperature, top_k, top_p, generator,
+                            eos_token_id, streamer, stats, start, return_dict_in_generate)
+
+    def _decode(self, input_ids, rows, next_logits, max_new_tokens, temperature, top_k, top_p, generator,
+                eos_token_id, streamer, stats, start, return_dict):
+        """The token-by-token modes: `next_logits(rows)` gives logits [b, v] for the rows' sequences."""
+        pad = self.config.pad_token_id or 0
+
+        def step(token, rows):
+            rows.append(token.cpu())
+            return next_logits(rows)
+
+        new = decode_ar(step, rows, next_logits(rows), max_new_tokens, temperature, top_k, top_p, generator,
+                        eos_token_id, pad, streamer)
+        return finish_generation(input_ids, new, eos_token_id, pad, stats, start, streamer, return_dict)
+
+
+@dataclass
+class _Rows:
+    """The rows still generating: their tokens so far (prompt + committed), padding mask, their
+    index in the original batch, and the context tower's cache (None until first used)."""
+
+    seq: torch.Tensor  # [b, n] on CPU
+    mask: torch.Tensor | None  # [b, n] bool, False at left padding
+    index: torch.Tensor = None  # [b]
+    context: HybridCache | None = None
+
+    def __post_init__(self):
+        if self.index is None:
+            self.index = torch.arange(self.seq.shape[0])
+
+    def append(self, tokens: torch.Tensor) -> None:
+        self.seq = torch.cat([self.seq, tokens], dim=1)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+
+    def select(self, keep: torch.Tensor) -> "_Rows":
+        keep = keep.cpu()
+        if bool(keep.all()):
+            return self
+        context = None if self.context is None else self.context.select(keep)
+        return _Rows(self.seq[keep], None if self.mask is None else self.mask[keep], self.index[keep], context)

@@ -30,6 +30,16 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tens
     return F.silu(out).transpose(1, 2), seq[:, :, seq.shape[-1] - (k - 1):]
 
 
+def block_conv_histories(raw: torch.Tensor, history: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The conv history (last K-1 raw inputs) entering every block of `block_size` positions.
+
+    raw [b, l, c] the block inputs, history [b, c, K-1] what precedes them -> [b, ceil(l/L), c, K-1].
+    """
+    l, k1 = raw.shape[1], history.shape[-1]
+    seq = torch.cat([history.to(raw.dtype), raw.transpose(1, 2)], dim=-1)
+    return torch.stack([seq[:, :, i:i + k1] for i in range(0, l, block_size)], dim=1)
+
+
 class Mamba2Mixer(nn.Module):
     """in_proj -> (z, xBC, dt); causal conv on xBC; SSD scan; gated group norm; out_proj.
 
@@ -64,12 +74,17 @@ class Mamba2Mixer(nn.Module):
         )
         self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
 
-    def forward(self, u: torch.Tensor, state: MambaState | None = None, pad_mask: torch.Tensor | None = None):
+    def forward(self, u: torch.Tensor, state: MambaState | None = None, pad_mask: torch.Tensor | None = None,
+                block_states: int | None = None):
+        """With `block_states` = L, the returned state is the one entering every block of L
+        positions instead of the final one: (conv [b, blocks, conv_dim, K-1], ssm [b, blocks, h, p, n]).
+        Training uses it to seed the denoiser's blocks from one context pass."""
         b, l, _ = u.shape
         z, xBC, dt = self.in_proj(u).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if pad_mask is not None:
             xBC = xBC * pad_mask[..., None].to(xBC.dtype)
         conv_history, ssm_state = state if state is not None else (None, None)
+        raw = xBC
         xBC, conv_history = causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_history)
         group_width = self.n_groups * self.state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
@@ -80,7 +95,12 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, l, self.num_heads, self.head_dim)
         B = B.reshape(b, l, self.n_groups, self.state_size)
         C = C.reshape(b, l, self.n_groups, self.state_size)
-        if l == 1 and ssm_state is not None:
+        if block_states:
+            y, _, ssm_state = ssd_chunked(x, dt, A, B, C, block_states, ssm_state, return_chunk_states=True)
+            start = state[0] if state is not None and state[0] is not None else raw.new_zeros(
+                b, self.conv_dim, self.conv1d.kernel_size[0] - 1)
+            conv_history = block_conv_histories(raw, start, block_states)
+        elif l == 1 and ssm_state is not None:
             y, ssm_state = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
             y = y[:, None]
         else:

@@ -61,7 +61,7 @@ class Block(nn.Module):
         else:
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
-    def forward(self, h, state=None, mask=None, pad_mask=None, modulation=None):
+    def forward(self, h, state=None, mask=None, pad_mask=None, modulation=None, block_states=None):
         if modulation is None:
             u = self.norm(h)
         elif self.kind in "M*":
@@ -69,7 +69,7 @@ class Block(nn.Module):
         else:
             u = modulate(self.norm(h), modulation[0], modulation[1])
         if self.kind == "M":
-            y, state = self.mixer(u, state, pad_mask)
+            y, state = self.mixer(u, state, pad_mask, block_states)
         elif self.kind == "*":
             y, state = self.mixer(u, state, mask)
         else:

@@ -34,8 +34,9 @@ def segment_sum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~on_or_below, float("-inf"))
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
-    """Chunked SSD scan. Returns (y [b, l, h, p], final_state [b, h, p, n]), both float32."""
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chunk_states: bool = False):
+    """Chunked SSD scan. Returns (y [b, l, h, p], final_state [b, h, p, n]), both float32, and with
+    `return_chunk_states` also the state entering every chunk [b, chunks, h, p, n]."""
     b, l, h, p = x.shape
     n = B.shape[-1]
     x, dt, A = x.float(), dt.float(), A.float()
@@ -71,7 +72,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None):
     # 4. what the state entering each chunk contributes to its outputs
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(A_cum))
     y = (y_diag + y_off).reshape(b, c * chunk, h, p)[:, :l]
-    return y, final_state
+    return (y, final_state, states) if return_chunk_states else (y, final_state)
 
 
 def ssd_step(state, x, dt, A, B, C):

@@ -54,3 +54,28 @@ def randomize(model: torch.nn.Module, seed: int = 0, head_std: float = 1.0) -> t
             value = 0.1 * r
         t.copy_(value.to(t.dtype))
     return model
+
+
+CORPUS = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+def make_tiny_model_dir(folder, vocab_size: int = 384, seed: int = 0, pattern: str = "M*EM"):
+    """A complete model folder (random TwoTower weights + a byte-level BPE tokenizer trained on a
+    slice of the corpus), the same layout as the embedded model. Returns the folder."""
+    from pathlib import Path
+
+    from twotower import TwoTowerForCausalLM
+    from twotower.tokenizer import train_tokenizer
+    from twotower.two_tower import TwoTowerConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sample = folder / "sample.txt"
+    sample.write_text((CORPUS / "tinystories_val_head.txt").read_text()[:60_000])
+    tokenizer = train_tokenizer([sample], folder, vocab_size=vocab_size)
+    sample.unlink()
+    torch.manual_seed(seed)
+    config = TwoTowerConfig(**tiny_config(pattern, vocab_size=len(tokenizer)).to_dict())
+    model = randomize(TwoTowerForCausalLM(config).eval(), seed=seed, head_std=4.0)
+    model.save_pretrained(folder)
+    return folder

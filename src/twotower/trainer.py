@@ -200,7 +200,10 @@ class Trainer:
         self.data_index = 0  # next micro-batch to read
 
     def train(self) -> dict:
-        """Train (or resume) up to `cfg.max_steps`; returns the metrics of the last step."""
+        """Train (or resume) up to `cfg.max_steps`; returns the metrics of the last step.
+
+        Seeds torch's and python's generators with `cfg.seed + rank`; a resumed run restores them.
+        """
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.rank)
         random.seed(cfg.seed + self.rank)
@@ -218,7 +221,9 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 batch = self.data.batch(self.data_index)
                 self.data_index += 1
-                if isinstance(self.model, DDP):  # all-reduce gradients after the last micro-batch only
+                # DDP all-reduces after the last micro-batch only; FSDP reduce-scatters after each
+                # one, which keeps the accumulated gradients sharded
+                if isinstance(self.model, DDP):
                     self.model.require_backward_grad_sync = micro == cfg.grad_accum - 1
                 with self._autocast():
                     loss_sum, n_targets = self.loss_fn(self.model, self._local_rows(batch))

@@ -1,0 +1,32 @@
+"""The `twotower` command line. Each subcommand lives in its own module, which provides
+`add_arguments(parser)` and `run(args) -> int`; modules are imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    # name: (module, one-line help)
+    "generate": ("twotower.generate_cli", "generate text in diffusion, mock-AR or AR mode"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="twotower", description="Nemotron-Labs-TwoTower in plain PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints usage / the error for an unknown command
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    command = argparse.ArgumentParser(prog=f"twotower {argv[0]}", description=COMMANDS[argv[0]][1])
+    module.add_arguments(command)
+    return module.run(command.parse_args(argv[1:])) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""`twotower generate PROMPT`: text from the embedded model (or --model) in any of the three modes.
+
+Diffusion output streams block by block; `--show-steps` redraws the block being denoised after
+every step, masked positions as `_`, so the order in which tokens are committed can be watched.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+MODES = ("diffusion", "mock-ar", "ar")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("--mode", choices=MODES, default="diffusion")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=None, help="default: the model's (16)")
+    p.add_argument("--steps-per-block", type=int, default=None, help="default: the model's (16)")
+    p.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the model's, 0.8)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show-steps", action="store_true", help="draw every denoising step (diffusion)")
+    p.add_argument("--stats", action="store_true", help="print forwards, tokens per forward and tokens/s")
+
+
+class TextStream:
+    """A transformers-style streamer that prints each committed piece as soon as it exists."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.tokens: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first put is the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(int(t) for t in value.reshape(-1) if int(t) != self.tokenizer.pad_token_id)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+def render_step(tokenizer, step, mask_token_id: int) -> str:
+    """One line per denoising step: committed tokens as text, masked positions as `_`."""
+    pieces = ["_" if t == mask_token_id else tokenizer.decode([t]) for t in step.tokens[0].tolist()]
+    new = step.committed[0].tolist()
+    shown = "".join(f"\033[1m{p}\033[0m" if fresh else p for p, fresh in zip(pieces, new))
+    return f"block {step.block} step {step.step:2d} |{shown}|"
+
+
+def run(args) -> int:
+    from .default import load_model
+
+    try:
+        model, tokenizer = load_model(args.model)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        print("error: the prompt is empty", file=sys.stderr)
+        return 2
+    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
+                  generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True)
+    sys.stdout.write(args.prompt)
+    stream = None if args.show_steps else TextStream(tokenizer)
+    try:
+        if args.mode == "diffusion":
+            callback = None
+            if args.show_steps:
+                sys.stdout.write("\n")
+                mask_id = model.config.mask_token_id
+
+                def callback(step):
+                    print(render_step(tokenizer, step, mask_id), flush=True)
+            out = model.generate_mask_diffusion(
+                ids, block_size=args.block_size, steps_per_block=args.steps_per_block,
+                confidence_threshold=args.threshold, streamer=stream, step_callback=callback, **common)
+        elif args.mode == "mock-ar":
+            out = model.generate_mock_ar(ids, streamer=stream, **common)
+        else:
+            out = model.generate_ar(ids, streamer=stream, **common)
+    except ValueError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    if args.show_steps:
+        print(args.prompt + tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True))
+    if args.stats:
+        s = out.stats
+        print(f"[{args.mode}] {s.generated_tokens} tokens in {s.wall_time:.2f}s ({s.tokens_per_second:.1f} tok/s); "
+              f"denoiser forwards {s.denoiser_forwards}, context forwards {s.context_forwards}, "
+              f"tokens per denoiser forward {s.tokens_per_denoiser_forward:.2f}", file=sys.stderr)
+    return 0

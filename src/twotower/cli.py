@@ -10,6 +10,9 @@ import sys
 COMMANDS = {
     # name: (module, one-line help)
     "generate": ("twotower.generate_cli", "generate text in diffusion, mock-AR or AR mode"),
+    "convert": ("twotower.convert", "convert between single-tower NemotronH and two-tower checkpoints"),
+    "recipe": ("twotower.recipe", "train a small TwoTower model end to end (resumable)"),
+    "serve": ("twotower.serve", "an OpenAI-compatible HTTP server with streaming and request batching"),
 }
 
 

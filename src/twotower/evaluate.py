@@ -1,0 +1,115 @@
+"""Quality measures shared by the recipe's model card, `twotower bench` and the lm-eval adapter.
+
+* AR perplexity through the context tower (exact: one causal forward, no Monte-Carlo);
+* the AR tower's perplexity of generated continuations (how fluent a mode's output is);
+* exact-match accuracy on the project's exact-answer tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .tasks import END, score_exact
+
+MODES = ("ar", "mock-ar", "diffusion")
+
+
+def ar_parts(model):
+    """(tower, head) that make a causal LM out of a two-tower model (its context side) or a
+    single-tower one."""
+    if hasattr(model, "context_tower"):
+        return model.context_tower, model.context_lm_head
+    return model.backbone, model.lm_head
+
+
+@torch.no_grad()
+def token_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t >= 1 under the AR tower. ids [b, n] -> [b, n-1] float32."""
+    tower, head = ar_parts(model)
+    logits = head(tower(ids, None, attention_mask)[:, :-1]).float()
+    return F.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+
+
+@torch.no_grad()
+def continuation_nll(model, prompt: list[int], continuation: list[int]) -> tuple[float, int]:
+    """(sum of -log p of the continuation's tokens given the prompt, number of tokens)."""
+    if not continuation:
+        return 0.0, 0
+    ids = torch.tensor([prompt + continuation])
+    lp = token_logprobs(model, ids)[0, len(prompt) - 1:]
+    return float(-lp.sum()), len(continuation)
+
+
+def perplexity(nll_and_counts) -> float:
+    total = sum(n for n, _ in nll_and_counts)
+    count = sum(c for _, c in nll_and_counts)
+    return math.exp(total / count) if count else float("nan")
+
+
+def generate(model, mode: str, ids, **kw):
+    """Dispatch to a generation mode; diffusion-only settings are dropped for the AR modes."""
+    if mode == "diffusion":
+        return model.generate_mask_diffusion(ids, **kw)
+    kw = {k: v for k, v in kw.items() if k not in ("block_size", "steps_per_block", "confidence_threshold",
+                                                    "step_callback")}
+    if mode == "mock-ar":
+        return model.generate_mock_ar(ids, **kw)
+    if mode == "ar":
+        return model.generate_ar(ids, **kw)
+    raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+
+
+def left_pad(rows: list[list[int]], pad_id: int):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@torch.no_grad()
+def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_tokens: int, batch_size: int = 1,
+                   **kw) -> tuple[list[list[int]], dict]:
+    """Generate for every prompt in batches; returns (generated ids per prompt, summed statistics).
+
+    Only generated tokens count (prompt and padding never do)."""
+    eos = tokenizer.eos_token_id
+    outputs, totals = [], {"generated_tokens": 0, "denoiser_forwards": 0, "context_forwards": 0, "wall_time": 0.0}
+    for i in range(0, len(prompts), batch_size):
+        rows = [tokenizer(p).input_ids for p in prompts[i:i + batch_size]]
+        ids, mask = left_pad(rows, tokenizer.pad_token_id)
+        start = time.perf_counter()
+        out = generate(model, mode, ids, attention_mask=mask if len(rows) > 1 else None,
+                       max_new_tokens=max_new_tokens, eos_token_id=eos, return_dict_in_generate=True, **kw)
+        elapsed = time.perf_counter() - start
+        for row in out.sequences[:, ids.shape[1]:].tolist():
+            cut = row.index(eos) + 1 if eos in row else len(row)
+            outputs.append([t for t in row[:cut] if t != tokenizer.pad_token_id])
+        s = out.stats
+        totals["generated_tokens"] += s.generated_tokens
+        totals["denoiser_forwards"] += s.denoiser_forwards
+        totals["context_forwards"] += s.context_forwards
+        totals["wall_time"] += elapsed
+    return outputs, totals
+
+
+def story_quality(model, tokenizer, prompts: list[str], generated: list[list[int]]) -> float:
+    """The AR tower's perplexity of the generated continuations (EOS excluded)."""
+    eos = tokenizer.eos_token_id
+    return perplexity(continuation_nll(model, tokenizer(p).input_ids, [t for t in g if t != eos])
+                      for p, g in zip(prompts, generated))
+
+
+def task_accuracy(tokenizer, tasks, generated: list[list[int]]) -> float:
+    """Fraction of tasks whose generated answer (up to the first newline) is exactly right."""
+    if not tasks:
+        return float("nan")
+    right = sum(score_exact(t, tokenizer.decode(g, skip_special_tokens=True)) for t, g in zip(tasks, generated))
+    return right / len(tasks)
+
+
+__all__ = ["MODES", "END", "ar_parts", "token_logprobs", "continuation_nll", "perplexity", "generate", "left_pad",
+           "run_generation", "story_quality", "task_accuracy"]

@@ -11,8 +11,10 @@ COMMANDS = {
     # name: (module, one-line help)
     "generate": ("twotower.generate_cli", "generate text in diffusion, mock-AR or AR mode"),
     "convert": ("twotower.convert", "convert between single-tower NemotronH and two-tower checkpoints"),
+    "train": ("twotower.train_cli", "train a backbone (AR) or a two-tower model (masked diffusion)"),
     "recipe": ("twotower.recipe", "train a small TwoTower model end to end (resumable)"),
     "serve": ("twotower.serve", "an OpenAI-compatible HTTP server with streaming and request batching"),
+    "bench": ("twotower.bench", "measure quality versus speed of AR, mock-AR and mask diffusion"),
 }
 
 

@@ -40,9 +40,9 @@ class Recipe:
     vocab_size: int = 4096
     seq_len: int = 256
     batch_size: int = 16
-    ar_steps: int = 2000
+    ar_steps: int = 1600
     ar_lr: float = 2e-3
-    diffusion_stages: tuple = ((32, 500), (16, 800))  # (block size, steps)
+    diffusion_stages: tuple = ((32, 400), (16, 700))  # (block size, steps)
     diffusion_lr: float = 1e-3
     train_tasks: int = 20000
     heldout_tasks: int = 100

@@ -1,0 +1,93 @@
+"""`twotower train`: one training run of either objective on packed token shards.
+
+    # AR pre-training of a new backbone described by a config.json
+    twotower train --objective ar --model-config backbone.json --data shards/ --out runs/ar
+    # masked diffusion; --model is a two-tower folder, or a single-tower one (both towers from it)
+    twotower train --objective diffusion --model runs/ar/model --data shards/ --out runs/s16 --block-size 16
+
+Optimiser and schedule settings come from `--config` (YAML or JSON, the fields of
+`twotower.trainer.TrainConfig`) and the flags that override it. Rerunning the same command resumes.
+Works under `torchrun` (DDP, or FSDP2 with `parallel: fsdp`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import NemotronHConfig
+from .data import TokenBatches
+from .modeling import NemotronHForCausalLM
+from .objectives import ar_loss, diffusion_loss
+from .trainer import Trainer, TrainConfig
+from .two_tower import TwoTowerForCausalLM
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--objective", choices=("ar", "diffusion"), required=True)
+    p.add_argument("--data", required=True, help="folder written by pack_corpus (train.bin, heldout.bin)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, model/")
+    p.add_argument("--model", help="initial model folder")
+    p.add_argument("--model-config", help="config.json of a new backbone (AR objective, no --model)")
+    p.add_argument("--config", help="TrainConfig as YAML or JSON")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (rows)")
+    p.add_argument("--block-size", type=int, default=None, help="diffusion block size (default: the model's)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+
+
+def build(args):
+    """(model, loss_fn) for the arguments; a clear ValueError for what does not fit."""
+    if args.objective == "ar":
+        if args.model:
+            model = NemotronHForCausalLM.from_pretrained(args.model)
+        elif args.model_config:
+            model = NemotronHForCausalLM(NemotronHConfig.from_json_file(args.model_config))
+        else:
+            raise ValueError("the AR objective needs --model or --model-config")
+        return model, ar_loss
+    if not args.model:
+        raise ValueError("the diffusion objective needs --model (a two-tower or single-tower folder)")
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    if "TwoTower" in "".join(config.get("architectures") or []):
+        model = TwoTowerForCausalLM.from_pretrained(args.model)
+    else:
+        model = TwoTowerForCausalLM.from_single_tower(NemotronHForCausalLM.from_pretrained(args.model))
+    block = model.config.block_size if args.block_size is None else args.block_size
+    if block < 1:
+        raise ValueError(f"--block-size must be >= 1, got {block}")
+    if args.seq_len < block:
+        raise ValueError(f"--seq-len ({args.seq_len}) is below the block size ({block}): no block would be whole")
+    model.config.block_size = block
+    model.freeze_context()
+    return model, lambda m, batch: diffusion_loss(m, batch, block)
+
+
+def run(args) -> int:
+    try:
+        values = TrainConfig.from_file(args.config).__dict__ if args.config else {}
+        overrides = {"max_steps": args.max_steps, "lr": args.lr, "seed": args.seed}
+        values.update({k: v for k, v in overrides.items() if v is not None}, out_dir=args.out)
+        cfg = TrainConfig.from_dict(values)
+        extra = 1 if args.objective == "ar" else 0  # AR needs one more token for the shifted targets
+        data = TokenBatches(args.data, "train", args.seq_len + extra, args.batch_size, seed=cfg.seed)
+        held = TokenBatches(args.data, "heldout", args.seq_len + extra, args.batch_size, seed=cfg.seed)
+        model, loss_fn = build(args)
+        if data.tokens.max() >= model.config.vocab_size:
+            raise ValueError(f"the data holds token ids up to {int(data.tokens.max())}, beyond the model's "
+                             f"vocabulary of {model.config.vocab_size}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    record = Trainer(model, loss_fn, data, cfg, eval_data=held).train()
+    if os.environ.get("RANK", "0") == "0":
+        if cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            print(f"FSDP run: the full weights are in {Path(args.out) / 'checkpoint' / 'model.safetensors'}")
+        else:
+            model.save_pretrained(Path(args.out) / "model")
+    print(json.dumps(record))
+    return 0

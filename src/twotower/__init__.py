@@ -18,3 +18,6 @@ __all__ = [
     "TwoTowerConfig",
     "TwoTowerForCausalLM",
 ]
+from .default import load_default, load_model  # noqa: E402
+
+__all__ += ["load_default", "load_model"]

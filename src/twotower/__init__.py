@@ -2,6 +2,7 @@
 
 from .cache import HybridCache
 from .config import NemotronHConfig, nemotron_3_nano_30b_config
+from .default import load_default, load_model
 from .generation import GenerateOutput, GenerationStats, generate_ar
 from .modeling import NemotronHForCausalLM, NemotronHModel
 from .two_tower import TwoTowerConfig, TwoTowerForCausalLM
@@ -10,6 +11,8 @@ __all__ = [
     "HybridCache",
     "NemotronHConfig",
     "nemotron_3_nano_30b_config",
+    "load_default",
+    "load_model",
     "GenerateOutput",
     "GenerationStats",
     "generate_ar",
@@ -18,6 +21,3 @@ __all__ = [
     "TwoTowerConfig",
     "TwoTowerForCausalLM",
 ]
-from .default import load_default, load_model  # noqa: E402
-
-__all__ += ["load_default", "load_model"]

@@ -42,7 +42,7 @@ class Recipe:
     batch_size: int = 16
     ar_steps: int = 1600
     ar_lr: float = 2e-3
-    diffusion_stages: tuple = ((32, 400), (16, 700))  # (block size, steps)
+    diffusion_stages: tuple = ((32, 300), (16, 600))  # (block size, steps)
     diffusion_lr: float = 1e-3
     train_tasks: int = 20000
     heldout_tasks: int = 100

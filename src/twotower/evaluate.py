@@ -27,11 +27,17 @@ def ar_parts(model):
 
 
 @torch.no_grad()
-def token_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(ids[:, t] | ids[:, :t]) for t >= 1 under the AR tower. ids [b, n] -> [b, n-1] float32."""
+def token_scores(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """(log p(ids[:, t] | ids[:, :t]), whether ids[:, t] is the AR tower's greedy choice) for t >= 1.
+    ids [b, n] -> ([b, n-1] float32, [b, n-1] bool)."""
     tower, head = ar_parts(model)
     logits = head(tower(ids, None, attention_mask)[:, :-1]).float()
-    return F.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return F.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0], logits.argmax(-1) == ids[:, 1:]
+
+
+def token_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t >= 1 under the AR tower. ids [b, n] -> [b, n-1] float32."""
+    return token_scores(model, ids, attention_mask)[0]
 
 
 @torch.no_grad()
@@ -45,6 +51,7 @@ def continuation_nll(model, prompt: list[int], continuation: list[int]) -> tuple
 
 
 def perplexity(nll_and_counts) -> float:
+    nll_and_counts = list(nll_and_counts)  # read twice below; a generator would be empty the second time
     total = sum(n for n, _ in nll_and_counts)
     count = sum(c for _, c in nll_and_counts)
     return math.exp(total / count) if count else float("nan")
@@ -87,7 +94,7 @@ def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_toke
         elapsed = time.perf_counter() - start
         for row in out.sequences[:, ids.shape[1]:].tolist():
             cut = row.index(eos) + 1 if eos in row else len(row)
-            outputs.append([t for t in row[:cut] if t != tokenizer.pad_token_id])
+            outputs.append(row[:cut])  # after EOS comes padding; before it, every token is generated
         s = out.stats
         totals["generated_tokens"] += s.generated_tokens
         totals["denoiser_forwards"] += s.denoiser_forwards
@@ -111,5 +118,5 @@ def task_accuracy(tokenizer, tasks, generated: list[list[int]]) -> float:
     return right / len(tasks)
 
 
-__all__ = ["MODES", "END", "ar_parts", "token_logprobs", "continuation_nll", "perplexity", "generate", "left_pad",
-           "run_generation", "story_quality", "task_accuracy"]
+__all__ = ["MODES", "END", "ar_parts", "token_scores", "token_logprobs", "continuation_nll", "perplexity", "generate",
+           "left_pad", "run_generation", "story_quality", "task_accuracy"]

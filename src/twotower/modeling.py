@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from .attention import Attention
 from .cache import HybridCache
@@ -136,19 +137,39 @@ class NemotronHModel(nn.Module):
         return self.norm_f(h)
 
 
+# What transformers' Auto classes and pipelines pass to `from_pretrained` besides the folder.
+_DOWNLOAD_ARGUMENTS = {"trust_remote_code", "revision", "code_revision", "cache_dir", "force_download",
+                       "local_files_only", "proxies", "token", "adapter_kwargs", "_from_auto", "_from_pipeline"}
+
+
 class NemotronHPreTrainedModel(PreTrainedModel):
     config_class = NemotronHConfig
     base_model_prefix = "backbone"
     _no_split_modules = ["Block"]
 
     @classmethod
-    def from_pretrained(cls, folder, dtype: torch.dtype | None = None, device="cpu", **config_overrides):
+    def from_pretrained(cls, folder, dtype: torch.dtype | str | None = None, device="cpu", config=None,
+                        **config_overrides):
         """Load a checkpoint folder (hub or transformers layout, sharded or not) without a second
-        copy of the weights in memory: the model is built on `meta` and filled from mmap'd shards."""
-        config = cls.config_class.from_pretrained(folder, **config_overrides)
+        copy of the weights in memory: the model is built on `meta` and filled from mmap'd shards.
+
+        `dtype` may also be a name or "auto" (as stored). `config` replaces the folder's
+        config.json, as transformers' Auto classes pass it; their download arguments (revision,
+        trust_remote_code, ...) are accepted and ignored, since `folder` is a local folder.
+        """
+        overrides = {k: v for k, v in config_overrides.items() if k not in _DOWNLOAD_ARGUMENTS}
+        dtype = overrides.pop("torch_dtype", dtype)
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        if config is None:
+            config = cls.config_class.from_pretrained(folder, **overrides)
+        elif overrides:
+            raise TypeError(f"from_pretrained got {sorted(overrides)} together with `config`")
         with torch.device("meta"):
             model = cls(config)
         load_into(model, folder, dtype=dtype, device=device)
+        if model.can_generate() and (Path(folder) / GENERATION_CONFIG_NAME).exists():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
         return model.eval()
 
     def save_pretrained(self, folder, max_shard_bytes: int = 5 * 2**30, **_):

@@ -12,17 +12,19 @@ the block forward. Logit j predicts the token at block position j.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .cache import HybridCache
 from .config import NemotronHConfig
-from .generation import (GenerationStats, check_sampling_args, decode_ar, finish_generation, until_eos,
-                         validate_prompt)
+from .generation import (GenerateOutput, GenerationStats, check_sampling_args, decode_ar, finish_generation,
+                         until_eos, validate_prompt)
 from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
 from .sampler import block_time, commit_confident
 from .time_conditioning import TimestepEmbedder
@@ -43,6 +45,17 @@ class TwoTowerConfig(NemotronHConfig):
         super().__post_init__(**kwargs)
 
 
+GENERATION_MODES = ("diffusion", "mock-ar", "ar")
+DIFFUSION_SETTINGS = ("block_size", "steps_per_block", "confidence_threshold", "mask_token_id")
+# generation-config fields `generate` cannot honour, with the value that means "off"
+UNSUPPORTED_SETTINGS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                        "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0, "bad_words_ids": None,
+                        "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+                        "stop_strings": None, "min_p": None, "typical_p": 1.0, "penalty_alpha": None,
+                        "guidance_scale": 1.0, "output_scores": False, "output_logits": False,
+                        "output_attentions": False, "output_hidden_states": False}
+
+
 @dataclass
 class DenoiseStep:
     """What `step_callback` sees after every denoising step."""
@@ -54,7 +67,7 @@ class DenoiseStep:
     rows: torch.Tensor  # [b] which rows of the original batch these are
 
 
-class TwoTowerForCausalLM(NemotronHPreTrainedModel):
+class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
     config_class = TwoTowerConfig
     base_model_prefix = "context_tower"
 
@@ -289,6 +302,59 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel):
         return self._decode(input_ids, rows, next_logits, max_new_tokens, temperature, top_k, top_p, generator,
                             eos_token_id, streamer, stats, start, return_dict_in_generate)
 
+    def generate(self, input_ids: torch.Tensor | None = None, generation_config=None, streamer=None,
+                 mode: str | None = None, **kwargs):
+        """The transformers entry point (`model.generate`, `pipeline("text-generation")`).
+
+        `generation_config` (default: `self.generation_config`) updated by `kwargs` gives
+        max_new_tokens (or max_length), do_sample with temperature / top_k / top_p (unset: no
+        filter), eos_token_id, pad_token_id, use_cache and return_dict_in_generate. `mode`, else
+        `generation_config.mode`, else "ar", picks "diffusion" (`generate_mask_diffusion`),
+        "mock-ar" or "ar". The diffusion settings (block_size, steps_per_block,
+        confidence_threshold, mask_token_id) may also be set on the generation config; other
+        keyword arguments of the chosen function (attention_mask, generator, step_callback) pass
+        through. Settings this model cannot honour (beams, penalties, ...) are errors.
+        """
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        extra = config.update(**kwargs)
+        mode = (mode or getattr(config, "mode", None) or "ar").replace("_", "-")
+        if mode not in GENERATION_MODES:
+            raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
+        unsupported = sorted(k for k, neutral in UNSUPPORTED_SETTINGS.items()
+                             if getattr(config, k, None) not in (None, neutral))
+        if unsupported:
+            raise ValueError(f"generate() does not support {unsupported}")
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids (a prompt of at least one token)")
+        eos = config.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            if len(eos) > 1:
+                raise ValueError(f"generate() takes one eos_token_id, got {list(eos)}")
+            eos = eos[0] if eos else None
+        max_new_tokens = config.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = (config.max_length or 20) - input_ids.shape[1]
+        sampling = dict(temperature=1.0 if config.temperature is None else config.temperature, top_k=config.top_k,
+                        top_p=config.top_p) if config.do_sample else {}
+        common = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, streamer=streamer,
+                      use_cache=config.use_cache is not False,
+                      return_dict_in_generate=bool(config.return_dict_in_generate), **sampling, **extra)
+        if mode == "diffusion":
+            for name in DIFFUSION_SETTINGS:
+                common.setdefault(name, getattr(config, name, None))
+            out = self.generate_mask_diffusion(input_ids, **common)
+        elif mode == "mock-ar":
+            out = self.generate_mock_ar(input_ids, **common)
+        else:
+            out = self.generate_ar(input_ids, **common)
+        pad = config.pad_token_id
+        if pad is None or eos is None or pad == (self.config.pad_token_id or 0):
+            return out
+        sequences = out.sequences if isinstance(out, GenerateOutput) else out
+        n = input_ids.shape[1]
+        sequences = torch.cat([sequences[:, :n], until_eos(sequences[:, n:], eos, pad)], dim=1)
+        return GenerateOutput(sequences, out.stats) if isinstance(out, GenerateOutput) else sequences
+
     def _decode(self, input_ids, rows, next_logits, max_new_tokens, temperature, top_k, top_p, generator,
                 eos_token_id, streamer, stats, start, return_dict):
         """The token-by-token modes: `next_logits(rows)` gives logits [b, v] for the rows' sequences."""
@@ -328,3 +394,9 @@ class _Rows:
             return self
         context = None if self.context is None else self.context.select(keep)
         return _Rows(self.seq[keep], None if self.mask is None else self.mask[keep], self.index[keep], context)
+
+
+# `AutoModelForCausalLM.from_config(TwoTowerConfig(...))` and `.from_pretrained(folder,
+# config=TwoTowerConfig.from_pretrained(folder))` give this class. AutoConfig is left alone: it maps
+# the checkpoints' model_type "nemotron_h" to transformers' own NemotronHConfig.
+AutoModelForCausalLM.register(TwoTowerConfig, TwoTowerForCausalLM)

@@ -1,0 +1,110 @@
+"""`twotower convert`: single-tower NemotronH checkpoints to two-tower folders and back.
+
+* `to_two_tower`: a NemotronH folder, in the hub layout (`backbone.*`, per-expert keys) or as
+  transformers' `NemotronHForCausalLM.save_pretrained` writes it (`model.*`, fused experts), becomes
+  a two-tower folder initialised as the release was (`TwoTowerForCausalLM.from_single_tower`: the
+  body in both towers, the head in both heads, fresh time conditioning), written by
+  `twotower.export.save_for_hub`, so it also loads with `trust_remote_code=True`.
+* `to_single_tower`: the context tower and `context_lm_head` of a two-tower folder as a plain
+  NemotronH AR model in the hub layout, with a config.json that transformers reads as its own
+  `NemotronHForCausalLM` (no remote code needed).
+
+Tokenizer files are copied along. The router and A_log stay float32 whatever the dtype.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .export import check_empty, save_for_hub
+from .hub import save_state_dict
+from .modeling import NemotronHForCausalLM
+from .two_tower import DIFFUSION_SETTINGS, TwoTowerForCausalLM
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def copy_tokenizer(source: str | Path, target: str | Path) -> None:
+    """Copy the tokenizer files present in `source` to `target`."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(target) / name)
+
+
+def to_two_tower(source: str | Path, target: str | Path, dtype: torch.dtype | None = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, **diffusion_settings) -> Path:
+    """Two-tower folder from a single-tower NemotronH folder. `dtype` defaults to the source's;
+    `diffusion_settings` (block_size, mask_token_id, ...) go to the new config."""
+    check_empty(target)
+    single = NemotronHForCausalLM.from_pretrained(source)
+    dtype = dtype or single.lm_head.weight.dtype
+    # built in float32, so the float32 router and A_log are copied exactly and then kept
+    model = TwoTowerForCausalLM.from_single_tower(single.float(), **diffusion_settings)
+    save_for_hub(model, target, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    copy_tokenizer(source, target)
+    return Path(target)
+
+
+def to_single_tower(source: str | Path, target: str | Path, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """AR model folder (context tower + context_lm_head) from a two-tower folder."""
+    check_empty(target)
+    single = TwoTowerForCausalLM.from_pretrained(source, dtype=dtype).context_model()
+    config = single.config
+    config.architectures = ["NemotronHForCausalLM"]
+    if hasattr(config, "auto_map"):  # it points at the two-tower modules, which this folder lacks
+        del config.auto_map
+    config.save_pretrained(target)
+    save_state_dict(single.state_dict(), target, max_shard_bytes)
+    copy_tokenizer(source, target)
+    return Path(target)
+
+
+# ---------------------------------------------------------------------------- command line
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB or a number of bytes)")
+    unit = (m[2] or "B").upper()
+    scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+    return int(float(m[1]) * scale)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("source", help="checkpoint folder to read")
+    p.add_argument("target", help="folder to write (must not hold a checkpoint yet)")
+    p.add_argument("--to", required=True, choices=("two-tower", "single-tower"),
+                   help="two-tower: from a NemotronH AR checkpoint; single-tower: the context tower of a two-tower one")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the source's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    for name, kind in zip(DIFFUSION_SETTINGS, (int, int, float, int)):
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                       help="two-tower only (default: the release's)")
+
+
+def run(args) -> int:
+    settings = {k: getattr(args, k) for k in DIFFUSION_SETTINGS if getattr(args, k) is not None}
+    try:
+        if settings and args.to == "single-tower":
+            raise ValueError(f"{sorted(settings)} only apply with --to two-tower")
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        shard = parse_size(args.max_shard_size)
+        if args.to == "two-tower":
+            to_two_tower(args.source, args.target, dtype, shard, **settings)
+        else:
+            to_single_tower(args.source, args.target, dtype, shard)
+    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.target}")
+    return 0

@@ -3,12 +3,14 @@
 * hub layout (what we save): `backbone.*`, per-expert `mixer.experts.{e}.up_proj.weight`,
   one `model.safetensors` or shards `model-0000i-of-0000n.safetensors` with
   `model.safetensors.index.json`;
-* transformers layout (what `transformers.NemotronHForCausalLM.save_pretrained` writes):
-  `model.*` and fused expert tensors `mixer.experts.up_proj` [E, I, H], `down_proj` [E, H, I].
+* transformers layout (its in-memory names, which `transformers.NemotronHForCausalLM.save_pretrained`
+  writes with `save_original_format=False`; by default it writes the hub layout): `model.*` and
+  fused expert tensors `mixer.experts.up_proj` [E, I, H], `down_proj` [E, H, I].
 
-Loading builds the model on the `meta` device and fills it tensor by tensor from memory-mapped
-safetensors, so peak memory stays near the size of the weights. Weights are only ever read
-from safetensors, never from pickles.
+Loading builds the model on the `meta` device and fills it from memory-mapped safetensors: a
+file whose tensors need no conversion is used in place (no copy), any other file is copied once
+and unmapped, so peak memory stays near the size of the weights plus one shard. Weights are
+only ever read from safetensors, never from pickles.
 """
 
 from __future__ import annotations
@@ -56,17 +58,15 @@ def shard_files(folder: str | Path) -> list[Path]:
     return found
 
 
-def iter_checkpoint(folder: str | Path):
-    """Yield (file, key, tensor) for every tensor of a checkpoint, memory-mapped, shard by shard."""
+def iter_shards(folder: str | Path):
+    """Yield (file, [(key, tensor), ...]) per safetensors file; the tensors are memory-mapped views."""
     for path in shard_files(folder):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    yield path, key, f.get_tensor(key)
-        except CheckpointError:
-            raise
+                tensors = [(key, f.get_tensor(key)) for key in f.keys()]
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from e
+        yield path, tensors
 
 
 def to_hub_names(key: str, tensor: torch.Tensor):
@@ -108,25 +108,35 @@ def load_into(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype | N
     """
     expected = dict(model.state_dict(keep_vars=True))
     seen = set()
-    for path, key, tensor in iter_checkpoint(folder):
+    for path, tensors in iter_shards(folder):
+        seen.update(_load_file(model, path, tensors, expected, dtype, device, rename))
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise CheckpointError(f"{folder}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _load_file(model, path, tensors, expected, dtype, device, rename) -> list[str]:
+    """Check one file's tensors against the model, then assign them; returns the names filled."""
+    items = []
+    for key, tensor in tensors:
         for name, t in to_hub_names(key, tensor):
             name = rename(name) if rename else name
             if name is None:
                 continue
             if name not in expected:
                 raise CheckpointError(f"{path.name}: unexpected key {name!r} (not in the model)")
-            target = expected[name]
-            if tuple(t.shape) != tuple(target.shape):
+            if tuple(t.shape) != tuple(expected[name].shape):
                 raise CheckpointError(
-                    f"{path.name}: key {name!r} has shape {tuple(t.shape)}, the model expects {tuple(target.shape)}"
+                    f"{path.name}: key {name!r} has shape {tuple(t.shape)}, the model expects "
+                    f"{tuple(expected[name].shape)}"
                 )
-            want = torch.float32 if FLOAT32_KEYS.search(name) else (dtype or t.dtype)
-            value = t.to(device=device, dtype=want)
-            _assign(model, name, value)
-            seen.add(name)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise CheckpointError(f"{folder}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            items.append((name, t, torch.float32 if FLOAT32_KEYS.search(name) else (dtype or t.dtype)))
+    # One view left in the model keeps the whole file mapped: either no tensor of the file needs
+    # converting and all stay views (no copy), or all are copied and the file is unmapped after.
+    copy = torch.device(device).type != "cpu" or any(t.dtype != want for _, t, want in items)
+    for name, t, want in items:
+        _assign(model, name, t.to(device=device, dtype=want, copy=copy))
+    return [name for name, _, _ in items]
 
 
 def _assign(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:

@@ -64,7 +64,8 @@ class Router(nn.Module):
 class MoE(nn.Module):
     """forward(u [b, l, d]) -> [b, l, d]: sum_j w_j * expert_{id_j}(u) + shared_expert(u).
 
-    Tokens are grouped by expert (one matmul pair per expert that has tokens), not looped over.
+    Tokens are grouped by expert (one matmul pair per expert that has tokens), not looped over;
+    a single token (a decoding step) calls its k experts directly.
     """
 
     def __init__(self, config):
@@ -79,16 +80,21 @@ class MoE(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         flat = u.reshape(-1, u.shape[-1])
         ids, weights = self.gate(flat)
-        top_k = ids.shape[1]
-        order = ids.flatten().argsort(stable=True)  # assignments sorted by expert
-        counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
-        tokens = order // top_k
         routed = torch.zeros_like(flat, dtype=torch.float32)
-        start = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                rows = order[start:start + count]
-                y = expert(flat[tokens[start:start + count]])
-                routed.index_add_(0, tokens[start:start + count], y.float() * weights.flatten()[rows, None].float())
-                start += count
+        if flat.shape[0] == 1:  # one token (decoding): its k experts directly, in expert order as below
+            for expert, w in sorted(zip(ids[0].tolist(), weights[0].float().tolist())):
+                routed += self.experts[expert](flat).float() * w
+        else:
+            top_k = ids.shape[1]
+            order = ids.flatten().argsort(stable=True)  # assignments sorted by expert
+            counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
+            tokens = order // top_k
+            start = 0
+            for expert, count in zip(self.experts, counts):
+                if count:
+                    rows = order[start:start + count]
+                    y = expert(flat[tokens[start:start + count]])
+                    routed.index_add_(0, tokens[start:start + count],
+                                      y.float() * weights.flatten()[rows, None].float())
+                    start += count
         return (routed.to(u.dtype) + self.shared_experts(flat)).view_as(u)

@@ -1,0 +1,125 @@
+"""CPU throughput of our NemotronH backbone against transformers' `NemotronHForCausalLM`.
+
+Both models load the same checkpoint folder with their own `from_pretrained`, in float32 and in
+bfloat16. Prefill: one forward over a 512-token prompt (batch 1) that also fills the cache.
+Decode: greedy generation of 64 tokens after a 32-token prompt (its prefill included), with
+`generate_ar` for ours and `generate(do_sample=False)` for transformers. Runs alternate between
+the two models; every figure is a median. Threads are torch's default; idle OpenMP threads sleep
+rather than spin (OMP_WAIT_POLICY=PASSIVE unless set). Prints a Markdown table.
+
+    python benchmarks/bench_backbone.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+# Idle OpenMP threads sleep instead of spinning: on a shared machine a spinning thread waiting for a
+# descheduled one makes timings erratic. Read when torch loads; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from twotower import NemotronHConfig, NemotronHForCausalLM  # noqa: E402
+
+PROMPT, DECODE_PROMPT, NEW_TOKENS = 512, 32, 64
+
+
+def bench_config() -> NemotronHConfig:
+    """~20M parameters with every layer kind: 5 Mamba-2, 2 attention and 4 MoE layers."""
+    return NemotronHConfig(
+        vocab_size=8192, hidden_size=256, hybrid_override_pattern="MEM*EMEM*EM",
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+        mamba_num_heads=8, mamba_head_dim=64, ssm_state_size=64, n_groups=2, conv_kernel=4, chunk_size=128,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=640,
+        moe_shared_expert_intermediate_size=1024, intermediate_size=1024,
+        routed_scaling_factor=2.5, initializer_range=0.1,
+        # transformers' torch prefill clamps dt at time_step_min, its decode does not: a tiny floor
+        # keeps the two implementations computing the same thing (checked before timing)
+        time_step_min=1e-6,
+        eos_token_id=2, pad_token_id=0, bos_token_id=1,
+    )
+
+
+def load_pair(folder, dtype):
+    ours = NemotronHForCausalLM.from_pretrained(folder, dtype=dtype)
+    theirs = transformers.NemotronHForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return ours, theirs
+
+
+@torch.no_grad()
+def prefill(model, ids):
+    if isinstance(model, NemotronHForCausalLM):
+        return model(ids, model.new_cache())
+    return model(ids, use_cache=True).logits
+
+
+@torch.no_grad()
+def decode(model, ids):
+    if isinstance(model, NemotronHForCausalLM):
+        out = model.generate_ar(ids, max_new_tokens=NEW_TOKENS)
+    else:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + NEW_TOKENS
+    return out
+
+
+def seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def measure(ours, theirs, fn, ids, runs: int) -> tuple[float, float]:
+    """Median seconds of `fn(model, ids)` for each model, alternating which goes first."""
+    fn(ours, ids), fn(theirs, ids)  # warm-up
+    times = {id(ours): [], id(theirs): []}
+    for r in range(runs):
+        for model in (ours, theirs) if r % 2 == 0 else (theirs, ours):
+            times[id(model)].append(seconds(fn, model, ids))
+    return statistics.median(times[id(ours)]), statistics.median(times[id(theirs)])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+    g = torch.Generator().manual_seed(0)
+    long_ids = torch.randint(3, 8192, (1, PROMPT), generator=g)
+    short_ids = torch.randint(3, 8192, (1, DECODE_PROMPT), generator=g)
+    torch.manual_seed(0)
+    model = NemotronHForCausalLM(bench_config()).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        for dtype in (torch.float32, torch.bfloat16):
+            name = str(dtype).removeprefix("torch.")
+            ours, theirs = load_pair(folder, dtype)
+            gap = (prefill(ours, long_ids) - prefill(theirs, long_ids).float()).abs()
+            same = torch.equal(decode(ours, short_ids), decode(theirs, short_ids))
+            print(f"{name}: prefill logits differ by {gap.mean():.1e} on average, {gap.max():.1e} at most; "
+                  f"same greedy tokens: {same}")
+            t_prefill = measure(ours, theirs, prefill, long_ids, args.runs)
+            t_decode = measure(ours, theirs, decode, short_ids, args.runs)
+            for phase, tokens, (a, b) in (("prefill", PROMPT, t_prefill), ("decode", NEW_TOKENS, t_decode)):
+                rows.append(f"| {name} | {phase} | {tokens / a:,.0f} | {tokens / b:,.0f} | {b / a:.2f}x |")
+
+    print(f"\n{n_params / 1e6:.1f}M parameters, pattern {model.config.layer_kinds}, {torch.get_num_threads()} "
+          f"threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, median of {args.runs} runs; tokens/s\n")
+    print("| dtype | phase | ours | transformers | ours / transformers |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

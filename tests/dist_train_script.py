@@ -108,6 +108,31 @@ def config(out: str, steps: int, grad_accum: int = 2, checkpoint_every: int = 0,
     )
 
 
+def build_two_tower():
+    """A tiny two-tower model (every layer kind), the same weights every time."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_config
+
+    from twotower import NemotronHForCausalLM, TwoTowerForCausalLM
+
+    torch.manual_seed(0)
+    return TwoTowerForCausalLM.from_single_tower(NemotronHForCausalLM(tiny_config("M*E", vocab_size=VOCAB)))
+
+
+def row_noise_diffusion_loss(model, batch):
+    """The diffusion loss with each row's noise drawn from a generator seeded by that row alone, so
+    that the loss of a global batch does not depend on how ranks split it."""
+    from twotower.objectives import corrupt, diffusion_loss
+
+    parts = [corrupt(row[None], 3, torch.Generator().manual_seed(int(row.sum()) * 31 + int(row[0])))
+             for row in batch]
+    noise = tuple(torch.cat(p) for p in zip(*parts))
+    return diffusion_loss(model, batch, 8, noise=noise)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -117,11 +142,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--freeze", action="store_true", help="freeze blocks[0].fc1")
     parser.add_argument("--slow-from", type=int, help="make batches from this index on slow")
+    parser.add_argument("--two-tower", action="store_true", help="the diffusion objective on a two-tower model")
     args = parser.parse_args(argv)
 
     cfg = config(args.out, args.steps, args.grad_accum, args.checkpoint_every, args.parallel)
     data = CountingData(slow_from=args.slow_from)
-    metrics = Trainer(build_model(args.freeze), next_token_loss, data, cfg, eval_data=CountingData(seed=1)).train()
+    model, loss = (build_two_tower(), row_noise_diffusion_loss) if args.two_tower else \
+        (build_model(args.freeze), next_token_loss)
+    metrics = Trainer(model, loss, data, cfg, eval_data=CountingData(seed=1)).train()
     if dist.is_initialized():
         dist.destroy_process_group()
     return metrics

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_train_script import PAD, CountingData, build_model, config, next_token_loss
+from dist_train_script import PAD, CountingData, build_model, build_two_tower, config, next_token_loss
 from safetensors.torch import load_file
 
 from twotower.trainer import Trainer, TrainConfig, wsd_lr
@@ -228,6 +228,28 @@ def test_torchrun_matches_single_process(tmp_path, parallel, single_process_run)
     frozen = build_model().blocks[0].fc1
     assert torch.equal(final["blocks.0.fc1.weight"], frozen.weight.detach())
     assert not torch.equal(final["blocks.0.fc2.weight"], build_model().blocks[0].fc2.weight.detach())
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_tower_diffusion_matches_single_process(tmp_path, parallel):
+    """The real objective on the real model: a frozen context tower (replicated under DDP, sharded
+    under FSDP2) and MoE experts that some ranks never route to."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    base = [str(SCRIPT), "--steps", "3", "--two-tower", "--parallel", parallel]
+    result = subprocess.run([sys.executable, *base, "--out", str(single)], env=ENV, capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *base,
+           "--out", str(multi)]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    a, b = params(single), params(multi)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
+    start = build_two_tower().state_dict()
+    assert all(torch.equal(a[k], start[k]) for k in a if k.startswith(("context_tower.", "context_lm_head.")))
+    assert not torch.equal(a["lm_head.weight"], start["lm_head.weight"])
 
 
 @pytest.mark.parametrize(

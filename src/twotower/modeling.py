@@ -147,6 +147,16 @@ class NemotronHPreTrainedModel(PreTrainedModel):
     base_model_prefix = "backbone"
     _no_split_modules = ["Block"]
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards as units: every block, and the embeddings, heads and norms
+        outside blocks. Each is only ever used through its own forward (the towers are not: the
+        denoiser and the training objective call their parts one by one)."""
+        units = [m for m in self.modules() if isinstance(m, Block)]
+        inside = {id(p) for b in units for p in b.parameters()}
+        units += [m for m in self.modules() if isinstance(m, (nn.Embedding, nn.Linear, RMSNorm))
+                  and id(next(m.parameters())) not in inside]
+        return units
+
     @classmethod
     def from_pretrained(cls, folder, dtype: torch.dtype | str | None = None, device="cpu", config=None,
                         **config_overrides):

@@ -90,8 +90,11 @@ class MoE(nn.Module):
             counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
             tokens = order // top_k
             start = 0
+            # in training every expert runs, chosen or not (an empty batch for the unchosen), so each
+            # gets a gradient, if zero: DDP and FSDP2 need the same gradients on every rank
+            every = torch.is_grad_enabled() and self.experts[0].up_proj.weight.requires_grad
             for expert, count in zip(self.experts, counts):
-                if count:
+                if count or every:
                     rows = order[start:start + count]
                     y = expert(flat[tokens[start:start + count]])
                     routed.index_add_(0, tokens[start:start + count],

@@ -89,11 +89,18 @@ def denoiser_all_blocks(model: TwoTowerForCausalLM, noisy: torch.Tensor, t: torc
     return model.lm_head(model.denoiser_tower.norm_f(h)).float()
 
 
-def diffusion_loss(model: TwoTowerForCausalLM, ids: torch.Tensor, block_size: int | None = None,
+def diffusion_loss(model, ids: torch.Tensor, block_size: int | None = None,
                    generator: torch.Generator | None = None, noise=None):
     """Masked-diffusion loss over clean ids [b, n]: (sum of CE at masked positions, #masked).
 
-    `noise` = (noisy, masked, t) fixes the corruption (tests); otherwise it is drawn here."""
+    Runs through `model(...)` so that a DDP/FSDP wrapper sees it. `noise` = (noisy, masked, t)
+    fixes the corruption; otherwise it is drawn here."""
+    return model(ids, diffusion_block_size=block_size or 0, noise=noise, generator=generator)
+
+
+def masked_diffusion_loss(model: TwoTowerForCausalLM, ids: torch.Tensor, block_size: int,
+                          generator: torch.Generator | None = None, noise=None):
+    """The computation behind `diffusion_loss` (block_size 0: the model's)."""
     L = block_size or model.config.block_size
     noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator)
     states = context_block_states(model, ids, L)

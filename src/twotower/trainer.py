@@ -14,7 +14,8 @@ contiguous block of rows, so what a step sees depends neither on the process lay
 Under `torchrun` (WORLD_SIZE > 1) the trainer starts the process group itself (gloo for a CPU model,
 nccl for a CUDA model, which it moves to cuda:LOCAL_RANK) and wraps the model in DDP, or in FSDP2
 with `parallel: fsdp`. Every rank must build the same initial model (same seed): FSDP2 shards each
-rank's own copy. Parameters with requires_grad=False never reach the optimizer; DDP leaves them out of
+rank's own copy, one group per module of `model.fsdp_units()` if the model has it (modules whose
+parameters are only used through their own forward), else per child (see `_shard_submodules`). Parameters with requires_grad=False never reach the optimizer; DDP leaves them out of
 the gradient all-reduce, and FSDP2 shards them in groups of their own (see `_shard_submodules`).
 
 Files in `out_dir` (written by rank 0 only):
@@ -185,7 +186,11 @@ class Trainer:
                 model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
             else:
                 mesh = init_device_mesh(self.device.type, (self.world,))
-                _shard_submodules(model, mesh)
+                if hasattr(model, "fsdp_units"):  # the model knows which modules run only through forward
+                    for unit in model.fsdp_units():
+                        fully_shard(unit, mesh=mesh)
+                else:
+                    _shard_submodules(model, mesh)
                 fully_shard(model, mesh=mesh)
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]

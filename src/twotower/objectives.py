@@ -17,8 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .two_tower import TwoTowerForCausalLM
-
 T_EPS = 1e-3
 
 
@@ -41,7 +39,7 @@ def corrupt(ids: torch.Tensor, mask_token_id: int, generator: torch.Generator | 
 
 
 @torch.no_grad()
-def context_block_states(model: TwoTowerForCausalLM, clean: torch.Tensor, block_size: int):
+def context_block_states(model, clean: torch.Tensor, block_size: int):
     """One causal pass of the frozen context tower over clean [b, n].
 
     Returns per layer: (k, v) [b, kv_heads, n, d] for attention, the (conv, ssm) state entering
@@ -66,7 +64,7 @@ def block_causal_mask(n: int, block_size: int, device=None) -> torch.Tensor:
     return torch.cat([context, own], dim=1)[None, None]
 
 
-def denoiser_all_blocks(model: TwoTowerForCausalLM, noisy: torch.Tensor, t: torch.Tensor, context_states,
+def denoiser_all_blocks(model, noisy: torch.Tensor, t: torch.Tensor, context_states,
                         block_size: int) -> torch.Tensor:
     """Denoiser logits [b, n, vocab] for every block of noisy [b, n] in one pass."""
     b, n = noisy.shape
@@ -98,7 +96,7 @@ def diffusion_loss(model, ids: torch.Tensor, block_size: int | None = None,
     return model(ids, diffusion_block_size=block_size or 0, noise=noise, generator=generator)
 
 
-def masked_diffusion_loss(model: TwoTowerForCausalLM, ids: torch.Tensor, block_size: int,
+def masked_diffusion_loss(model, ids: torch.Tensor, block_size: int,
                           generator: torch.Generator | None = None, noise=None):
     """The computation behind `diffusion_loss` (block_size 0: the model's)."""
     L = block_size or model.config.block_size
@@ -109,7 +107,7 @@ def masked_diffusion_loss(model: TwoTowerForCausalLM, ids: torch.Tensor, block_s
     return loss, masked.sum()
 
 
-def diffusion_loss_by_blocks(model: TwoTowerForCausalLM, ids, noisy, masked, t, block_size: int):
+def diffusion_loss_by_blocks(model, ids, noisy, masked, t, block_size: int):
     """The same loss through the inference path: for each block, the context cache of the clean
     prefix and one `denoise_block` call. Slow; it ties training to what the sampler runs."""
     total = torch.zeros(())

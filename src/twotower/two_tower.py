@@ -26,6 +26,7 @@ from .config import NemotronHConfig
 from .generation import (GenerateOutput, GenerationStats, check_sampling_args, decode_ar, finish_generation,
                          until_eos, validate_prompt)
 from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
+from .objectives import masked_diffusion_loss
 from .sampler import block_time, commit_confident
 from .time_conditioning import TimestepEmbedder
 
@@ -173,7 +174,6 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         forward lets DDP/FSDP wrappers see the training step. Otherwise: the context tower's causal
         LM logits [b, n, vocab] (float32)."""
         if diffusion_block_size is not None:
-            from .objectives import masked_diffusion_loss
             return masked_diffusion_loss(self, input_ids, diffusion_block_size, generator, noise)
         h = self.context_tower(input_ids.to(self.context_device), None, attention_mask)
         return self.context_lm_head(h).float()

@@ -19,15 +19,7 @@ import torch
 from twotower import NemotronHConfig, NemotronHForCausalLM, TwoTowerForCausalLM
 from twotower.objectives import ar_loss, diffusion_loss
 
-
-def bench_config() -> NemotronHConfig:
-    return NemotronHConfig(
-        vocab_size=8192, hidden_size=384, hybrid_override_pattern="MEM*EMEM*EM",
-        num_attention_heads=6, num_key_value_heads=2, head_dim=64,
-        mamba_num_heads=12, mamba_head_dim=64, ssm_state_size=64, n_groups=2, chunk_size=128,
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=384,
-        moe_shared_expert_intermediate_size=768, routed_scaling_factor=2.5,
-    )
+from bench_two_tower import BENCH_MODEL  # the same ~20M-parameter model
 
 
 def step_time(model, loss_fn, batch, bf16: bool) -> float:
@@ -47,7 +39,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
     torch.manual_seed(0)
-    backbone = NemotronHForCausalLM(bench_config()).train()
+    backbone = NemotronHForCausalLM(NemotronHConfig(**BENCH_MODEL)).train()
     two_tower = TwoTowerForCausalLM.from_single_tower(backbone).train()
     batch = torch.randint(4, 8192, (args.batch, args.seq_len + 1))
     tokens = args.batch * args.seq_len

@@ -21,14 +21,18 @@ import torch
 from twotower import TwoTowerConfig, TwoTowerForCausalLM
 
 
+# ~20M parameters per tower with every layer kind (shared with bench_train.py)
+BENCH_MODEL = dict(
+    vocab_size=8192, hidden_size=384, hybrid_override_pattern="MEM*EMEM*EM",
+    num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+    mamba_num_heads=12, mamba_head_dim=64, ssm_state_size=64, n_groups=2, chunk_size=128,
+    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=384,
+    moe_shared_expert_intermediate_size=768, routed_scaling_factor=2.5,
+)
+
+
 def bench_config() -> TwoTowerConfig:
-    return TwoTowerConfig(
-        vocab_size=8192, hidden_size=384, hybrid_override_pattern="MEM*EMEM*EM",
-        num_attention_heads=6, num_key_value_heads=2, head_dim=64,
-        mamba_num_heads=12, mamba_head_dim=64, ssm_state_size=64, n_groups=2, chunk_size=128,
-        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=384,
-        moe_shared_expert_intermediate_size=768, routed_scaling_factor=2.5,
-    )
+    return TwoTowerConfig(**BENCH_MODEL)
 
 
 def timed(fn) -> float:

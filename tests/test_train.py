@@ -112,6 +112,7 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path):
     assert main(["recipe", "smoke", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
     final = tmp_path / "out" / "model"
     card = (final / "README.md").read_text()
+    assert (final / "heldout" / "tasks.jsonl").exists() and (final / "heldout" / "stories.jsonl").exists()
     assert "task accuracy" in card and "diffusion" in card
     from safetensors import safe_open
 

@@ -232,6 +232,7 @@ def export(model_dir: Path, out: Path, folder: Path, r: Recipe, corpus: dict) ->
         shutil.rmtree(final)
     model.to(torch.bfloat16).save_pretrained(final)
     tokenizer.save_pretrained(final)
+    shutil.copytree(out / "corpus" / "heldout", final / "heldout")  # the prompts `twotower bench` uses
     params = sum(p.numel() for p in model.parameters())
     (final / "README.md").write_text(model_card(r, params, corpus, numbers))
     return {"parameters": params, **numbers}

@@ -344,3 +344,16 @@ def test_config_json_round_trip_keeps_our_fields(tmp_path):
     again = NemotronHConfig.from_pretrained(tmp_path)
     assert again.router_dtype == "float64" and again.prefill_chunk_size == 64
     assert again.layer_kinds == config.layer_kinds
+
+
+def test_cache_memory_formulas_match_a_real_cache():
+    """The README's memory figures come from these formulas; a real cache must weigh what they say."""
+    from twotower.config import kv_cache_bytes_per_token, mamba_state_bytes
+    model = build(seed=2)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(4, 97, (1, 40)), cache)
+    kv_float32 = kv_cache_bytes_per_token(model.config, bytes_per_value=4)
+    assert cache.nbytes() == 40 * kv_float32 + mamba_state_bytes(model.config)
+    nano = nemotron_3_nano_30b_config()
+    assert kv_cache_bytes_per_token(nano) == 6 * 1024 and round(mamba_state_bytes(nano) / 2**20, 1) == 47.6

@@ -1,0 +1,72 @@
+"""The embedded default model: it ships with the package, loads, and generates text in every mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors import safe_open
+
+import twotower
+from conftest import CORPUS
+from twotower.default import DEFAULT_MODEL_DIR
+
+PROMPT = "Once upon a time"
+
+
+def test_the_embedded_model_is_complete_and_small():
+    names = {p.name for p in DEFAULT_MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size <= 25 * 10**6
+    with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    card = (DEFAULT_MODEL_DIR / "README.md").read_text()
+    assert "TinyStories" in card and "perplexity" in card
+
+
+def test_load_default_generates_in_every_mode():
+    model, tokenizer = twotower.load_default()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    eos = tokenizer.eos_token_id
+    for method in (model.generate_mask_diffusion, model.generate_mock_ar, model.generate_ar):
+        out = method(ids, max_new_tokens=24, eos_token_id=eos, return_dict_in_generate=True)
+        text = tokenizer.decode(out.sequences[0], skip_special_tokens=True)
+        assert text.startswith(PROMPT) and len(text) > len(PROMPT) + 5, (method.__name__, text)
+        assert out.stats.generated_tokens >= 1
+
+
+def test_the_tokenizer_round_trips_the_corpus_characters():
+    _, tokenizer = twotower.load_default()
+    chars = set()
+    for path in sorted(CORPUS.rglob("*.txt")):
+        chars |= set(path.read_text(encoding="utf-8"))
+    text = "".join(sorted(chars))
+    assert tokenizer.decode(tokenizer(text).input_ids) == text
+    assert tokenizer.mask_token_id == 3 and tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 0
+
+
+def test_the_generate_command_prints_a_continuation():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, "-m", "twotower.cli", "generate", PROMPT, "--max-new-tokens", "32",
+                          "--stats"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(PROMPT) and len(out.stdout.strip()) > len(PROMPT) + 10
+    assert "tokens per denoiser forward" in out.stderr
+
+
+def test_show_steps_draws_the_block_being_denoised():
+    out = subprocess.run([sys.executable, "-m", "twotower.cli", "generate", PROMPT, "--max-new-tokens", "16",
+                          "--show-steps"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stdout.splitlines() if line.startswith("block 0 step")]
+    assert steps and "_" in steps[0]  # masked positions are visible at the first step
+
+
+def test_heldout_prompts_ship_with_the_model():
+    stories = (DEFAULT_MODEL_DIR / "heldout" / "stories.jsonl").read_text().splitlines()
+    tasks = [json.loads(line) for line in (DEFAULT_MODEL_DIR / "heldout" / "tasks.jsonl").read_text().splitlines()]
+    assert len(stories) >= 10 and len(tasks) >= 50
+    assert all({"prompt", "answer", "kind"} <= set(t) for t in tasks)

@@ -238,10 +238,14 @@ def export(model_dir: Path, out: Path, folder: Path, r: Recipe, corpus: dict) ->
     return {"parameters": params, **numbers}
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def model_card(r: Recipe, params: int, corpus: dict, numbers: dict) -> str:
     rows = "\n".join(
         f"| {mode} | {m['story_continuation_perplexity']:.2f} | {m['task_accuracy']:.1%} | "
-        f"{m['tokens_per_denoiser_forward'] or '-'} | {m['tokens_per_second']:.1f} |"
+        f"{_fmt(m['tokens_per_denoiser_forward'])} | {m['tokens_per_second']:.1f} |"
         for mode, m in numbers["modes"].items())
     stages = " -> ".join(f"S={b} for {s} steps" for b, s in r.diffusion_stages)
     return f"""# twotower default model

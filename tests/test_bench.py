@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_model_dir
 from twotower import cli
 from twotower.bench import STORY_OPENINGS, Setting, load_prompts, run_bench, sweep
-from twotower.default import load_model
+from twotower.default import DEFAULT_MODEL_DIR, load_model
 
 DATA = Path(__file__).parent / "data"
 FIELDS = ("mode", "block_size", "confidence_threshold", "tokens_per_second", "tokens_per_denoiser_forward",
@@ -19,8 +18,18 @@ FIELDS = ("mode", "block_size", "confidence_threshold", "tokens_per_second", "to
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("bench-model"))
+def model_dir():
+    return DEFAULT_MODEL_DIR  # the embedded model
+
+
+def test_quick_run_defaults_to_the_embedded_model_and_its_heldout_prompts(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--max-new-tokens", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    stories, tasks = load_prompts(DEFAULT_MODEL_DIR)
+    assert len(stories) == 40 and len(tasks) == 100  # the model folder's held-out sets
+    assert report["prompts"]["stories"] >= 1 and report["prompts"]["tasks"] >= 1
+    assert report["headline"]["block_size"] == 16 and report["headline"]["confidence_threshold"] == 0.8
 
 
 def test_quick_run_writes_json_plot_and_table(model_dir, tmp_path, capsys):

@@ -16,7 +16,6 @@ psutil = pytest.importorskip("psutil")
 
 import torch  # noqa: E402
 
-from conftest import make_tiny_model_dir  # noqa: E402
 from twotower.default import load_model  # noqa: E402
 from twotower.serve import ServeConfig, background_server, create_app  # noqa: E402
 
@@ -37,8 +36,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_model(make_tiny_model_dir(tmp_path_factory.mktemp("serve_model")))
+def embedded():
+    return load_model(None)  # the embedded model
 
 
 @contextmanager
@@ -49,8 +48,8 @@ def serving(model, tokenizer, config: ServeConfig):
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    with serving(*tiny, ServeConfig(model_name=MODEL, api_key=KEY, max_prompt_tokens=64, max_body_bytes=8192)) as s:
+def server(embedded):
+    with serving(*embedded, ServeConfig(model_name=MODEL, api_key=KEY, max_prompt_tokens=64, max_body_bytes=8192)) as s:
         yield s
 
 
@@ -175,11 +174,11 @@ def test_a_client_that_disconnects_stops_its_generation(client, http):
 # ---------------------------------------------------------------------------------- limits
 
 
-def test_full_queue_answers_429_and_slow_requests_504(tiny):
+def test_full_queue_answers_429_and_slow_requests_504(embedded):
     """One busy row, one queued: a third request is refused; past the timeout both answer 504.
     The timeout is half of a measured slow request, so this holds on any machine speed."""
     config = ServeConfig(model_name=MODEL, max_queue=1, max_batch_size=1, request_timeout=60)
-    with serving(*tiny, config) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with serving(*embedded, config) as url, httpx.Client(base_url=url, timeout=60) as http:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         start = time.monotonic()
         ask(client, PROMPTS[0], max_tokens=256, **SLOW)

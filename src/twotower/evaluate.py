@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .tasks import END, score_exact
+from .tasks import score_exact
 
 MODES = ("ar", "mock-ar", "diffusion")
 
@@ -118,5 +118,5 @@ def task_accuracy(tokenizer, tasks, generated: list[list[int]]) -> float:
     return right / len(tasks)
 
 
-__all__ = ["MODES", "END", "ar_parts", "token_scores", "token_logprobs", "continuation_nll", "perplexity", "generate",
+__all__ = ["MODES", "ar_parts", "token_scores", "token_logprobs", "continuation_nll", "perplexity", "generate",
            "left_pad", "run_generation", "story_quality", "task_accuracy"]

@@ -26,17 +26,6 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.wall_time if self.wall_time else 0.0
 
-    def as_dict(self) -> dict:
-        return {
-            "generated_tokens": self.generated_tokens,
-            "denoiser_forwards": self.denoiser_forwards,
-            "context_forwards": self.context_forwards,
-            "tokens_per_denoiser_forward": self.tokens_per_denoiser_forward,
-            "wall_time": self.wall_time,
-            "tokens_per_second": self.tokens_per_second,
-            "first_block_latency": self.first_block_latency,
-        }
-
 
 @dataclass
 class GenerateOutput:

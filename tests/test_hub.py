@@ -157,31 +157,29 @@ def sharded(folder):
     return sorted(n for n in os.listdir(folder) if SHARD.match(n))
 
 
-def test_missing_key_is_named(tmp_path):
-    sd = dict(build().state_dict())
-    key = "backbone.layers.3.mixer.dt_bias"
+def _drop(sd, key):
     del sd[key]
-    write_folder(tmp_path, sd)
-    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: missing keys [{key!r}]")):
-        NemotronHForCausalLM.from_pretrained(tmp_path)
 
 
-def test_unexpected_key_is_named(tmp_path):
-    sd = dict(build().state_dict())
-    key = "backbone.layers.0.mixer.extra.weight"
+def _extra(sd, key):
     sd[key] = torch.zeros(3)
-    write_folder(tmp_path, sd)
-    with pytest.raises(CheckpointError, match=re.escape(f"model.safetensors: unexpected key {key!r}")):
-        NemotronHForCausalLM.from_pretrained(tmp_path)
 
 
-def test_misshapen_key_is_named(tmp_path):
-    sd = dict(build().state_dict())
-    key = "backbone.layers.1.mixer.k_proj.weight"
+def _misshape(sd, key):
     sd[key] = torch.zeros(32, 32)
+
+
+@pytest.mark.parametrize("edit,key,message", [
+    (_drop, "backbone.layers.3.mixer.dt_bias", "{folder}: missing keys [{key!r}]"),
+    (_extra, "backbone.layers.0.mixer.extra.weight", "model.safetensors: unexpected key {key!r}"),
+    (_misshape, "backbone.layers.1.mixer.k_proj.weight",
+     "model.safetensors: key {key!r} has shape (32, 32), the model expects (16, 32)"),
+])
+def test_a_key_that_does_not_fit_is_named(tmp_path, edit, key, message):
+    sd = dict(build().state_dict())
+    edit(sd, key)
     write_folder(tmp_path, sd)
-    message = f"model.safetensors: key {key!r} has shape (32, 32), the model expects (16, 32)"
-    with pytest.raises(CheckpointError, match=re.escape(message)):
+    with pytest.raises(CheckpointError, match=re.escape(message.format(folder=tmp_path, key=key))):
         NemotronHForCausalLM.from_pretrained(tmp_path)
 
 

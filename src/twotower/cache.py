@@ -39,6 +39,14 @@ class HybridCache:
                 return s[0].shape[0]
         return 0 if self.pad_mask is None else self.pad_mask.shape[0]
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where the cached tensors are (None while the cache is empty)."""
+        for s in self.states:
+            if s is not None:
+                return s[0].device
+        return None
+
     def clone(self) -> "HybridCache":
         return HybridCache(_map(torch.clone, self.states), self.length,
                            None if self.pad_mask is None else self.pad_mask.clone())
@@ -49,6 +57,9 @@ class HybridCache:
                            None if self.pad_mask is None else self.pad_mask[rows.to(self.pad_mask.device)])
 
     def to(self, device) -> "HybridCache":
+        """The cache on `device`; itself if it is there already (or empty), as `Tensor.to` does."""
+        if self.device is None or self.device == torch.device(device):
+            return self
         return HybridCache(_map(lambda t: t.to(device), self.states), self.length,
                            None if self.pad_mask is None else self.pad_mask.to(device))
 

@@ -152,8 +152,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         (None: no time conditioning, as mock-AR), context: the context tower's cache after the
         committed prefix (not modified). Returns float32 logits [b, L, vocab]."""
         device = self.denoiser_device
-        if context.batch_size and self.context_device != device:
-            context = context.to(device)
+        context = context.to(device)  # a no-op in generate, which moves it once per block
         x = x.to(device)
         b, l = x.shape
         mask = None
@@ -254,6 +253,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         out = torch.full((input_ids.shape[0], num_blocks * L), pad, dtype=torch.long)
         for blk in range(num_blocks):
             context, _ = self._context_for(rows, rows.seq.shape[1], use_cache, stats)
+            context = context.to(self.denoiser_device)  # the context crosses devices once per block
             x = torch.full((len(rows.index), L), mask_id, dtype=torch.long, device=self.denoiser_device)
             for step in range(T):
                 if not bool((x == mask_id).any()):

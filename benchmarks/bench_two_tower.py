@@ -3,7 +3,8 @@
 For a ~20M-parameter hybrid with random weights and a context of --context tokens, times (median
 of --repeats, the three measurements interleaved so machine drift hits all alike):
   * one AR decode step of the context tower (1 token, cached);
-  * one denoiser forward over a block of --block tokens seeded from the context cache;
+  * one denoiser forward over a block of --block tokens seeded from the context cache, half of
+    them masked, with the head on the masked positions only, as generation runs it;
   * advancing the context tower by one committed block of --block tokens.
 Targets: denoiser forward <= 2x a decode step; context advance <= 2x a decode step.
 
@@ -58,7 +59,7 @@ def measure(dtype: torch.dtype, context_len: int, block: int, repeats: int) -> d
         model.context_lm_head(model.context_tower(token, cache)[:, -1])
 
     def denoise():
-        model.denoise_block(x, t, context)
+        model.denoise_block(x, t, context, positions=x == 3)
 
     def advance():
         cache = context.clone()

@@ -9,12 +9,14 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from conftest import randomize, tiny_config
 from twotower import NemotronHForCausalLM, nemotron_3_nano_30b_config
 from twotower.config import NemotronHConfig
 from twotower.hub import to_transformers_layout
+from twotower.linear import Linear, split_linear
 from twotower.moe import MoE
 from twotower.ssd import ssd_chunked, ssd_sequential
 
@@ -198,6 +200,8 @@ def test_chunked_scan_equals_sequential_recurrence(length, chunk, with_state):
     y3, s3 = explicit_recurrence(x, dt, A, B, C, init)
     assert (y1 - y3).abs().max() <= 1e-4 and (s1 - s3).abs().max() <= 1e-4
     assert (y2 - y3).abs().max() <= 1e-4 and (s2 - s3).abs().max() <= 1e-4
+    y4, s4 = ssd_chunked(x, dt, A, B, C, chunk, init if with_state else None, final_state=False)
+    assert s4 is None and (y4 - y3).abs().max() <= 1e-4  # outputs alone (the denoiser's use)
 
 
 def test_moe_equals_naive_per_token_loop():
@@ -219,6 +223,37 @@ def test_moe_equals_naive_per_token_loop():
         shared = moe.shared_experts
         expected[i] += shared.down_proj.weight @ torch.relu(shared.up_proj.weight @ tok) ** 2
     assert (out.reshape(-1, 32) - expected).abs().max() <= 1e-5
+    single = moe(u[:1, :1])  # one token (a decoding step) takes its own path
+    assert (single.reshape(32) - expected[0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("rows,out_features,parts,bias", [(1, 96, 2, False), (3, 96, 4, True), (1, 8192, 2, False)])
+def test_split_linear_equals_linear(rows, out_features, parts, bias):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 64, generator=g)[:1]
+    weight = torch.randn(out_features, 64, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    out = split_linear(x, weight, b, parts)
+    assert out.shape == (1, rows, out_features)
+    assert (out - F.linear(x, weight, b)).abs().max() <= 1e-5 * weight.abs().max() * 64
+
+
+def test_linear_takes_the_split_path_for_one_row_on_several_threads(monkeypatch):
+    layer = Linear(64, 96)
+    calls = []
+    monkeypatch.setattr("twotower.linear.split_linear", lambda *a: calls.append(a) or split_linear(*a))  # a spy
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        layer(torch.randn(1, 1, 64))  # one row, float32, 96 % 2 == 0: split
+        layer(torch.randn(1, 2, 64))  # two rows: BLAS as it is
+        layer(torch.randn(1, 64))  # one row without a sequence axis: split
+        layer.to(torch.bfloat16)(torch.randn(1, 64, dtype=torch.bfloat16))  # bfloat16: BLAS as it is
+        torch.set_num_threads(1)
+        layer.float()(torch.randn(1, 64))  # one thread: nothing to split for
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2 and all(c[3] == 2 for c in calls)
 
 
 # ---------------------------------------------------------------- AR generation

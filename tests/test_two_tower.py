@@ -126,9 +126,13 @@ def test_denoiser_block_equals_direct_computation(model, prefix_len, block_size)
     x[0, ::2] = 3  # some positions masked
     t = torch.tensor([0.5])
     with torch.no_grad():
-        cached = model.denoise_block(x, t, model.encode_context(prefix))
+        context = model.encode_context(prefix)
+        cached = model.denoise_block(x, t, context)
+        at_masked = model.denoise_block(x, t, context, positions=x == 3)  # what the sampler asks for
         direct = direct_denoiser_logits(model, prefix, x, t)
     assert (cached - direct).abs().max() <= 1e-5
+    assert at_masked.shape == (int((x == 3).sum()), direct.shape[-1])
+    assert (at_masked - direct[x == 3]).abs().max() <= 1e-5
 
 
 def test_context_is_not_modified_by_the_denoiser(model):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
 from .norm import GatedRMSNorm
 from .ssd import ssd_chunked, ssd_step
 
@@ -20,15 +21,19 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tens
     """
     b, l, c = x.shape
     k = weight.shape[-1]
-    if history is None:
-        history = x.new_zeros(b, c, k - 1)
-    seq = torch.cat([history.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [b, c, K-1+l]
-    if l <= 64:  # decoding and short blocks: K shifted multiply-adds beat a conv kernel's overhead
-        out = sum(seq[:, :, i:i + l] * weight[:, i:i + 1] for i in range(k))
-        out = out if bias is None else out + bias[:, None]
-    else:
-        out = F.conv1d(seq, weight[:, None, :], bias, groups=c)
-    return F.silu(out).transpose(1, 2), seq[:, :, seq.shape[-1] - (k - 1):]
+    history = x.new_zeros(b, c, k - 1) if history is None else history.to(x.dtype)
+    if l > 64:  # long inputs: the conv kernel
+        seq = torch.cat([history, x.transpose(1, 2)], dim=-1)  # [b, c, K-1+l]
+        out = F.conv1d(seq, weight[:, None, :], bias, groups=c).transpose(1, 2)
+        return F.silu(out), seq[:, :, l:].contiguous()
+    # short inputs (blocks, chunks): K multiply-adds over time-major slices, in float32 like the
+    # kernels' accumulator; faster than a conv kernel's set-up, and than bfloat16 element-wise ops
+    seq = torch.cat([history.transpose(1, 2), x], dim=1).float()  # [b, K-1+l, c]
+    w = weight.float().T.contiguous()  # [K, c]
+    out = seq[:, :l] * w[0] if bias is None else torch.addcmul(bias.float(), seq[:, :l], w[0])
+    for i in range(1, k):
+        out.addcmul_(seq[:, i:i + l], w[i])
+    return F.silu(out).to(x.dtype), seq[:, l:].transpose(1, 2).to(x.dtype).contiguous()
 
 
 def block_conv_histories(raw: torch.Tensor, history: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -60,7 +65,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = config.mamba_conv_dim
         self.chunk_size = config.chunk_size
         self.dt_min, self.dt_max = (float(v) for v in config.time_step_limit)
-        self.in_proj = nn.Linear(
+        self.in_proj = Linear(
             config.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.use_bias
         )
         self.conv1d = nn.Conv1d(
@@ -73,14 +78,24 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(
             self.intermediate_size, self.intermediate_size // self.n_groups, eps=config.layer_norm_epsilon
         )
-        self.out_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+        self.out_proj = Linear(self.intermediate_size, config.hidden_size, bias=config.use_bias)
+
+    def _dt(self, dt: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """softplus(dt + dt_bias) clamped to the time-step limit, float32; 0 at padding (no input
+        and no decay there)."""
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
+        return dt if pad_mask is None else dt * pad_mask[..., None]
 
     def forward(self, u: torch.Tensor, state: MambaState | None = None, pad_mask: torch.Tensor | None = None,
-                block_states: int | None = None):
+                block_states: int | None = None, return_state: bool = True):
         """With `block_states` = L, the returned state is the one entering every block of L
         positions instead of the final one: (conv [b, blocks, conv_dim, K-1], ssm [b, blocks, h, p, n]).
-        Training uses it to seed the denoiser's blocks from one context pass."""
+        Training uses it to seed the denoiser's blocks from one context pass. With
+        `return_state=False` no state is computed (None): the denoiser discards it."""
         b, l, _ = u.shape
+        if l == 1 and state is not None and not block_states:
+            out, state = self.step(u, state, pad_mask)
+            return out, state if return_state else None
         z, xBC, dt = self.in_proj(u).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if pad_mask is not None:
             xBC = xBC * pad_mask[..., None].to(xBC.dtype)
@@ -89,9 +104,7 @@ class Mamba2Mixer(nn.Module):
         xBC, conv_history = causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_history)
         group_width = self.n_groups * self.state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
-        if pad_mask is not None:
-            dt = dt * pad_mask[..., None]  # dt = 0: no input and no decay at padding
+        dt = self._dt(dt, pad_mask)
         A = -torch.exp(self.A_log.float())
         x = x.reshape(b, l, self.num_heads, self.head_dim)
         B = B.reshape(b, l, self.n_groups, self.state_size)
@@ -101,13 +114,32 @@ class Mamba2Mixer(nn.Module):
             start = state[0] if state is not None and state[0] is not None else raw.new_zeros(
                 b, self.conv_dim, self.conv1d.kernel_size[0] - 1)
             conv_history = block_conv_histories(raw, start, block_states)
-        elif l == 1 and ssm_state is not None:
-            y, ssm_state = ssd_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
-            y = y[:, None]
         else:
-            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state)
+            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=return_state)
         y = y + self.D.float()[:, None] * x.float()
         y = self.norm(y.reshape(b, l, -1), z)
         if pad_mask is not None:
             y = y * pad_mask[..., None].to(y.dtype)
-        return self.out_proj(y.to(u.dtype)), (conv_history, ssm_state)
+        return self.out_proj(y.to(u.dtype)), (conv_history, ssm_state) if return_state else None
+
+    def step(self, u: torch.Tensor, state: MambaState, pad_mask: torch.Tensor | None = None):
+        """forward for one position u [b, 1, d] continuing `state`: the same function as a scan of
+        length 1, in fewer and smaller ops (a decoding step is bound by per-op overhead)."""
+        b = u.shape[0]
+        z, xBC, dt = self.in_proj(u[:, 0]).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        if pad_mask is not None:
+            pad_mask = pad_mask[:, -1]
+            xBC = xBC * pad_mask[:, None].to(xBC.dtype)
+        history, ssm_state = state
+        window = torch.cat([history.to(xBC.dtype), xBC[:, :, None]], dim=-1)  # [b, conv_dim, K]
+        xBC = (window.float() * self.conv1d.weight[:, 0].float()).sum(-1)
+        xBC = F.silu(xBC if self.conv1d.bias is None else xBC + self.conv1d.bias.float()).to(u.dtype)
+        group_width = self.n_groups * self.state_size
+        x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
+        x = x.view(b, self.num_heads, self.head_dim)
+        y, ssm_state = ssd_step(ssm_state, x, self._dt(dt, pad_mask), -torch.exp(self.A_log.float()),
+                                B.view(b, self.n_groups, -1), C.view(b, self.n_groups, -1))
+        y = self.norm((y + self.D.float()[:, None] * x.float()).view(b, -1), z)
+        if pad_mask is not None:
+            y = y * pad_mask[:, None].to(y.dtype)
+        return self.out_proj(y.to(u.dtype))[:, None], (window[:, :, 1:], ssm_state)

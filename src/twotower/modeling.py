@@ -20,6 +20,7 @@ from .cache import HybridCache
 from .config import NemotronHConfig
 from .generation import generate_ar
 from .hub import load_into, save_state_dict
+from .linear import Linear
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
 from .moe import MoE, Router
@@ -62,7 +63,9 @@ class Block(nn.Module):
         else:
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
-    def forward(self, h, state=None, mask=None, pad_mask=None, modulation=None, block_states=None):
+    def forward(self, h, state=None, mask=None, pad_mask=None, modulation=None, block_states=None,
+                return_state=True):
+        """-> (h [b, l, d], the mixer's new state; None for MoE/MLP or with `return_state=False`)."""
         if modulation is None:
             u = self.norm(h)
         elif self.kind in "M*":
@@ -70,14 +73,14 @@ class Block(nn.Module):
         else:
             u = modulate(self.norm(h), modulation[0], modulation[1])
         if self.kind == "M":
-            y, state = self.mixer(u, state, pad_mask, block_states)
+            y, state = self.mixer(u, state, pad_mask, block_states, return_state)
         elif self.kind == "*":
             y, state = self.mixer(u, state, mask)
         else:
             y, state = self.mixer(u), None
         if modulation is not None:
             y = y * modulation[2][:, None].to(y.dtype)
-        return h + y, state
+        return h + y, state if return_state else None
 
 
 class NemotronHModel(nn.Module):
@@ -222,7 +225,7 @@ class NemotronHForCausalLM(NemotronHPreTrainedModel):
     def __init__(self, config: NemotronHConfig):
         super().__init__(config)
         self.backbone = NemotronHModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def new_cache(self) -> HybridCache:

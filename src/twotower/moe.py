@@ -80,24 +80,22 @@ class MoE(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         flat = u.reshape(-1, u.shape[-1])
         ids, weights = self.gate(flat)
-        routed = torch.zeros_like(flat, dtype=torch.float32)
         if flat.shape[0] == 1:  # one token (decoding): its k experts directly, in expert order as below
-            for expert, w in sorted(zip(ids[0].tolist(), weights[0].float().tolist())):
-                routed += self.experts[expert](flat).float() * w
+            chosen = sorted(zip(ids[0].tolist(), weights[0].tolist()))
+            routed = sum(self.experts[e](flat).float() * w for e, w in chosen)
         else:
             top_k = ids.shape[1]
             order = ids.flatten().argsort(stable=True)  # assignments sorted by expert
-            counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
             tokens = order // top_k
-            start = 0
+            counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
+            inputs, scales = flat[tokens], weights.flatten()[order, None].float()
             # in training every expert runs, chosen or not (an empty batch for the unchosen), so each
             # gets a gradient, if zero: DDP and FSDP2 need the same gradients on every rank
             every = torch.is_grad_enabled() and self.experts[0].up_proj.weight.requires_grad
+            outputs, start = [], 0
             for expert, count in zip(self.experts, counts):
                 if count or every:
-                    rows = order[start:start + count]
-                    y = expert(flat[tokens[start:start + count]])
-                    routed.index_add_(0, tokens[start:start + count],
-                                      y.float() * weights.flatten()[rows, None].float())
+                    outputs.append(expert(inputs[start:start + count]) * scales[start:start + count])
                     start += count
+            routed = torch.zeros_like(flat, dtype=torch.float32).index_add_(0, tokens, torch.cat(outputs))
         return (routed.to(u.dtype) + self.shared_experts(flat)).view_as(u)

@@ -80,7 +80,8 @@ def denoiser_all_blocks(model, noisy: torch.Tensor, t: torch.Tensor, context_sta
             conv, ssm = context_states[i]
             per_block = F.pad(h, (0, 0, 0, pad)).reshape(b * blocks, L, -1)
             mod = [m.repeat_interleave(blocks, dim=0) for m in modulation]
-            out, _ = layer(per_block, (conv.flatten(0, 1), ssm.flatten(0, 1)), None, None, mod)
+            start = (conv.flatten(0, 1), ssm.flatten(0, 1))
+            out, _ = layer(per_block, start, None, None, mod, return_state=False)
             h = out.reshape(b, blocks * L, -1)[:, :n]
         else:
             h, _ = layer(h, context_states[i], mask, None, modulation)

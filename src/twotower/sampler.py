@@ -28,7 +28,7 @@ def block_time(x: torch.Tensor, mask_token_id: int) -> torch.Tensor:
 
 def predict(logits: torch.Tensor, mask_token_id: int, temperature: float = 0.0, top_k: int | None = None,
             top_p: float | None = None, generator: torch.Generator | None = None):
-    """Prediction and its confidence at every position. logits [b, L, v] -> (pred [b, L], conf [b, L]).
+    """Prediction and its confidence at every position. logits [..., v] -> (pred [...], conf [...]).
 
     Greedy: argmax. Sampling: Gumbel-max over the temperature-scaled, top-k/top-p filtered logits.
     """
@@ -57,15 +57,17 @@ def tokens_to_commit(masked: torch.Tensor, confidence: torch.Tensor, step: int, 
 def commit_confident(x: torch.Tensor, logits: torch.Tensor, step: int, steps: int, mask_token_id: int,
                      threshold: float, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, generator: torch.Generator | None = None):
-    """One denoising step on a block. x [b, L] (mask_token_id where still masked), logits [b, L, v].
+    """One denoising step on a block. x [b, L] (mask_token_id where still masked); logits [n, v] for
+    the n masked positions of x in row-major order (committed positions need no prediction).
 
     Returns (new x [b, L], committed [b, L] bool: the positions committed at this step).
     """
     masked = x == mask_token_id
     pred, conf = predict(logits, mask_token_id, temperature, top_k, top_p, generator)
+    pred = x.masked_scatter(masked, pred)
+    conf = torch.full(x.shape, float("-inf"), device=x.device).masked_scatter(masked, conf)
     k = tokens_to_commit(masked, conf, step, steps, threshold)
-    order_key = conf.masked_fill(~masked, float("-inf"))
-    order = order_key.argsort(dim=-1, descending=True, stable=True)
+    order = conf.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
     committed = masked & (rank < k[:, None])
     return torch.where(committed, pred, x), committed

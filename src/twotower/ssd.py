@@ -26,9 +26,12 @@ def _decay(log_decay: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_decay.clamp(-80.0, 0.0))
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chunk_states: bool = False):
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chunk_states: bool = False,
+                final_state: bool = True):
     """Chunked SSD scan. Returns (y [b, l, h, p], final_state [b, h, p, n]), both float32, and with
-    `return_chunk_states` also the state entering every chunk [b, chunks, h, p, n].
+    `return_chunk_states` also the state entering every chunk [b, chunks, h, p, n]. With
+    `final_state=False` the final state is None and the last chunk's contribution to it is skipped
+    (the denoiser reads its block's outputs only).
 
     Heads are laid out as [groups, heads per group] so that B and C, shared by a group's heads,
     are never copied per head, and C.B is computed once per group.
@@ -53,9 +56,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
     decay = _decay(A_cum[..., :, None] - A_cum[..., None, :]).masked_fill(~causal, 0.0)
     y = ((C @ B.transpose(-1, -2)) * decay) @ X  # [b, g, r, c, s, p]
 
-    # 2. the state each chunk adds by its end
-    to_end = _decay(A_cum[..., -1:] - A_cum)[..., None]  # [b, g, r, c, s, 1]
-    added = (X * to_end).transpose(-1, -2) @ B  # [b, g, r, c, p, n]
+    # 2. the state each chunk adds by its end (needed for the next chunk and for the final state)
+    carried = c if final_state else c - 1
+    to_end = _decay(A_cum[..., :carried, -1:] - A_cum[..., :carried, :])[..., None]  # [b, g, r, c', s, 1]
+    added = (X[..., :carried, :, :] * to_end).transpose(-1, -2) @ B[..., :carried, :, :]  # [b, g, r, c', p, n]
 
     # 3. carry the state across chunks, one step per chunk
     chunk_decay = _decay(A_cum[..., -1])[..., None, None]  # [b, g, r, c, 1, 1]
@@ -64,16 +68,17 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
     entering = []
     for i in range(c):
         entering.append(state)
-        state = state * chunk_decay[:, :, :, i] + added[:, :, :, i]
-    states = torch.stack(entering, dim=3)  # [b, g, r, c, p, n]
+        if i < carried:
+            state = torch.addcmul(added[:, :, :, i], state, chunk_decay[:, :, :, i])
+    states = torch.stack(entering, dim=3) if c > 1 else entering[0][:, :, :, None]  # [b, g, r, c, p, n]
 
     # 4. what the state entering each chunk contributes to its outputs
     y = y + (C @ states.transpose(-1, -2)) * _decay(A_cum)[..., None]
     y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * chunk, h, p)[:, :l]
-    final_state = state.reshape(b, h, p, n)
+    last = state.reshape(b, h, p, n) if final_state else None
     if return_chunk_states:
-        return y, final_state, states.permute(0, 3, 1, 2, 4, 5).reshape(b, c, h, p, n)
-    return y, final_state
+        return y, last, states.permute(0, 3, 1, 2, 4, 5).reshape(b, c, h, p, n)
+    return y, last
 
 
 def ssd_step(state, x, dt, A, B, C):
@@ -88,7 +93,7 @@ def ssd_step(state, x, dt, A, B, C):
     decay = torch.exp(dt * A.float()).view(b, g, r, 1, 1)
     dx = (dt[..., None] * x.float()).view(b, g, r, p, 1)
     state = torch.addcmul(state.float().reshape(b, g, r, p, n) * decay, dx, B.float().view(b, g, 1, 1, n))
-    y = state @ C.float().view(b, g, 1, n, 1)
+    y = torch.bmm(state.view(b * g, r * p, n), C.float().reshape(b * g, n, 1))  # a group's heads at once
     return y.view(b, h, p), state.view(b, h, p, n)
 
 

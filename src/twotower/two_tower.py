@@ -25,6 +25,7 @@ from .cache import HybridCache
 from .config import NemotronHConfig
 from .generation import (GenerateOutput, GenerationStats, check_sampling_args, decode_ar, finish_generation,
                          until_eos, validate_prompt)
+from .linear import Linear
 from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
 from .objectives import masked_diffusion_loss
 from .sampler import block_time, commit_confident
@@ -76,9 +77,9 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         super().__init__(config)
         h = config.hidden_size
         self.context_tower = NemotronHModel(config)
-        self.context_lm_head = nn.Linear(h, config.vocab_size, bias=False)
+        self.context_lm_head = Linear(h, config.vocab_size, bias=False)
         self.denoiser_tower = NemotronHModel(config)
-        self.lm_head = nn.Linear(h, config.vocab_size, bias=False)
+        self.lm_head = Linear(h, config.vocab_size, bias=False)
         self.t_embedder = TimestepEmbedder(h, config.time_embedding_dim)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, 3 * h))
         self.scale_shift_tables = nn.ParameterList(
@@ -147,10 +148,13 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         """adaLN-single: t [b] -> [b, 3, H], shared by all layers before each adds its own table."""
         return self.t_block(self.t_embedder(t)).unflatten(-1, (3, -1))
 
-    def denoise_block(self, x: torch.Tensor, t: torch.Tensor | None, context: HybridCache) -> torch.Tensor:
+    def denoise_block(self, x: torch.Tensor, t: torch.Tensor | None, context: HybridCache,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
         """Denoiser logits for one block. x [b, L] (mask tokens where unknown), t [b] diffusion time
         (None: no time conditioning, as mock-AR), context: the context tower's cache after the
-        committed prefix (not modified). Returns float32 logits [b, L, vocab]."""
+        committed prefix (not modified). Returns float32 logits [b, L, vocab], or [n, vocab] for the
+        n True entries of `positions` [b, L] in row-major order: the sampler only reads the masked
+        positions, so generation runs the head on those alone."""
         device = self.denoiser_device
         context = context.to(device)  # a no-op in generate, which moves it once per block
         x = x.to(device)
@@ -163,7 +167,9 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         h = self.denoiser_tower.embeddings(x)
         for i, layer in enumerate(self.denoiser_tower.layers):
             modulation = None if t_emb is None else (self.scale_shift_tables[i][None] + t_emb).unbind(1)
-            h, _ = layer(h, context.states[i], mask, None, modulation)
+            h, _ = layer(h, context.states[i], mask, None, modulation, return_state=False)
+        if positions is not None:
+            h = h[positions.to(device)]
         return self.lm_head(self.denoiser_tower.norm_f(h)).float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -258,7 +264,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
             for step in range(T):
                 if not bool((x == mask_id).any()):
                     break
-                logits = self.denoise_block(x, block_time(x, mask_id), context)
+                logits = self.denoise_block(x, block_time(x, mask_id), context, positions=x == mask_id)
                 stats.denoiser_forwards += 1
                 x, committed = commit_confident(x, logits, step, T, mask_id, threshold, temperature,
                                                 top_k, top_p, generator)

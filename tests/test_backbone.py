@@ -238,22 +238,24 @@ def test_split_linear_equals_linear(rows, out_features, parts, bias):
     assert (out - F.linear(x, weight, b)).abs().max() <= 1e-5 * weight.abs().max() * 64
 
 
-def test_linear_takes_the_split_path_for_one_row_on_several_threads(monkeypatch):
-    layer = Linear(64, 96)
+def test_linear_splits_products_of_few_rows_with_large_weights_across_threads(monkeypatch):
+    large, small = Linear(512, 256), Linear(64, 96)  # 2^17 weights and fewer
     calls = []
     monkeypatch.setattr("twotower.linear.split_linear", lambda *a: calls.append(a) or split_linear(*a))  # a spy
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        layer(torch.randn(1, 1, 64))  # one row, float32, 96 % 2 == 0: split
-        layer(torch.randn(1, 2, 64))  # two rows: BLAS as it is
-        layer(torch.randn(1, 64))  # one row without a sequence axis: split
-        layer.to(torch.bfloat16)(torch.randn(1, 64, dtype=torch.bfloat16))  # bfloat16: BLAS as it is
+        for rows in (1, 16):  # a decoding step, a block
+            x = torch.randn(1, rows, 512)
+            assert (large(x) - F.linear(x, large.weight, large.bias)).abs().max() <= 1e-5
+        large(torch.randn(17, 512))  # more rows: BLAS threads them itself
+        small(torch.randn(1, 64))  # a small weight: one thread is faster
+        large.to(torch.bfloat16)(torch.randn(1, 512, dtype=torch.bfloat16))  # bfloat16 kernels are threaded
         torch.set_num_threads(1)
-        layer.float()(torch.randn(1, 64))  # one thread: nothing to split for
+        large.float()(torch.randn(1, 512))  # one thread: nothing to split for
     finally:
         torch.set_num_threads(threads)
-    assert len(calls) == 2 and all(c[3] == 2 for c in calls)
+    assert [c[0].shape[:-1] for c in calls] == [(1, 1), (1, 16)] and all(c[3] == 2 for c in calls)
 
 
 # ---------------------------------------------------------------- AR generation

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SPLIT_MAX_ROWS = 1
+SPLIT_MAX_ROWS = 16
+SPLIT_MIN_WEIGHTS = 2**17  # below this a second thread costs more than it saves
 
 
 def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
@@ -22,14 +23,15 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 class Linear(nn.Linear):
     """nn.Linear (same parameters and names). On CPU in float32, a product of at most 16 rows (a
     decoding step, a 16-token block, the few tokens routed to one expert) runs on one thread in
-    the BLAS library, so a decoding step would leave the other cores idle; such products go
-    through `split_linear` instead (about 1.8x faster on 2 threads for one row, measured in
-    benchmarks/bench_backbone.py). The results agree with F.linear up to float rounding."""
+    the BLAS library, leaving the other cores idle; for weights of 2^17 entries or more such
+    products go through `split_linear` instead (1.4-1.9x faster on 2 threads, measured by
+    benchmarks/bench_backbone.py's setting). At these sizes the batched matmul uses the same
+    kernels, so the results equal F.linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = torch.get_num_threads()
         if (parts > 1 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() <= SPLIT_MAX_ROWS * self.in_features and self.out_features % parts == 0
-                and self.weight.is_contiguous()):
+                and x.numel() <= SPLIT_MAX_ROWS * self.in_features and self.weight.numel() >= SPLIT_MIN_WEIGHTS
+                and self.out_features % parts == 0 and self.weight.is_contiguous()):
             return split_linear(x, self.weight, self.bias, parts)
         return F.linear(x, self.weight, self.bias)

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils import GENERATION_CONFIG_NAME
 
-from .attention import Attention
+from .attention import CAUSAL, Attention
 from .cache import HybridCache
 from .config import NemotronHConfig
 from .generation import generate_ar
@@ -127,7 +127,8 @@ class NemotronHModel(nn.Module):
             ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=input_ids.device)  # noqa: E731
             key_mask = torch.cat([ones(past) if past_mask is None else past_mask,
                                   ones(l) if new_mask is None else new_mask], dim=1)
-        mask = causal_mask(key_mask, past, l, input_ids.device)
+        # a fresh unpadded prefill needs no mask tensor: attention runs it as CAUSAL
+        mask = CAUSAL if key_mask is None and past == 0 else causal_mask(key_mask, past, l, input_ids.device)
         pad_mask = None if key_mask is None else key_mask[:, past:]
         h = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):

@@ -53,7 +53,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
 
     # 1. inside each chunk: C_i . B_j, decayed from step j to step i (j <= i), applied to X_j
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
-    decay = _decay(A_cum[..., :, None] - A_cum[..., None, :]).masked_fill(~causal, 0.0)
+    decay = torch.where(causal, _decay(A_cum[..., :, None] - A_cum[..., None, :]), 0.0)
     y = ((C @ B.transpose(-1, -2)) * decay) @ X  # [b, g, r, c, s, p]
 
     # 2. the state each chunk adds by its end (needed for the next chunk and for the final state)

@@ -9,9 +9,7 @@ from torch import nn
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * weight over the last axis, in float32, cast back to x's dtype."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * h).to(x.dtype)
+    return F.rms_norm(x.float(), x.shape[-1:], weight.float(), eps).to(x.dtype)
 
 
 def gated_group_rms_norm(
@@ -23,8 +21,7 @@ def gated_group_rms_norm(
     y, z: [..., d] -> [..., d] in y's dtype.
     """
     v = y.float() * F.silu(z.float())
-    groups = v.unflatten(-1, (-1, group_size))
-    groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
+    groups = F.rms_norm(v.unflatten(-1, (-1, group_size)), (group_size,), eps=eps)
     return weight * groups.flatten(-2).to(y.dtype)
 
 

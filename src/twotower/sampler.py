@@ -1,9 +1,10 @@
 """The confidence-unmasking rule of mask diffusion (reference-spec section 1.4).
 
-One denoising step looks at the denoiser's logits for a block, predicts every position, and
-commits the masked positions it is most confident about:
+One denoising step looks at the denoiser's logits at a block's masked positions (committed
+positions never change, so the head is not run there), predicts each, and commits the ones it is
+most confident about:
 
-* the mask token can never be predicted; committed positions never change;
+* the mask token can never be predicted;
 * k = #(masked positions with confidence > threshold), at least 1, at least
   ceil(masked / steps left) so the block finishes in time, at most #masked;
 * the last step commits everything still masked.

@@ -24,9 +24,9 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and names). On CPU in float32, a product of at most 16 rows (a
     decoding step, a 16-token block, the few tokens routed to one expert) runs on one thread in
     the BLAS library, leaving the other cores idle; for weights of 2^17 entries or more such
-    products go through `split_linear` instead (1.4-1.9x faster on 2 threads, measured by
-    benchmarks/bench_backbone.py's setting). At these sizes the batched matmul uses the same
-    kernels, so the results equal F.linear's."""
+    products go through `split_linear` instead (1.2-1.9x faster on 2 threads on the development
+    machine, the most for 1-4 rows). At these sizes the batched matmul uses the same kernels, so
+    the results equal F.linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = torch.get_num_threads()

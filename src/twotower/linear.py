@@ -29,9 +29,9 @@ class Linear(nn.Linear):
     the results equal F.linear's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.get_num_threads()
-        if (parts > 1 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() <= SPLIT_MAX_ROWS * self.in_features and self.weight.numel() >= SPLIT_MIN_WEIGHTS
-                and self.out_features % parts == 0 and self.weight.is_contiguous()):
-            return split_linear(x, self.weight, self.bias, parts)
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= SPLIT_MAX_ROWS * self.in_features
+                and self.weight.numel() >= SPLIT_MIN_WEIGHTS and self.weight.is_contiguous()):
+            parts = torch.get_num_threads()
+            if parts > 1 and self.out_features % parts == 0:
+                return split_linear(x, self.weight, self.bias, parts)
         return F.linear(x, self.weight, self.bias)

@@ -25,8 +25,8 @@ class Linear(nn.Linear):
     decoding step, a 16-token block, the few tokens routed to one expert) runs on one thread in
     the BLAS library, leaving the other cores idle; for weights of 2^17 entries or more such
     products go through `split_linear` instead (1.2-1.9x faster on 2 threads on the development
-    machine, the most for 1-4 rows). At these sizes the batched matmul uses the same kernels, so
-    the results equal F.linear's."""
+    machine, the most for 1-4 rows). There, at these sizes, the results were bitwise F.linear's;
+    in general they agree to float rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= SPLIT_MAX_ROWS * self.in_features

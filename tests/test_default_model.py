@@ -70,3 +70,20 @@ def test_heldout_prompts_ship_with_the_model():
     tasks = [json.loads(line) for line in (DEFAULT_MODEL_DIR / "heldout" / "tasks.jsonl").read_text().splitlines()]
     assert len(stories) >= 10 and len(tasks) >= 50
     assert all({"prompt", "answer", "kind"} <= set(t) for t in tasks)
+
+
+def test_generate_stream_prints_characters_split_across_tokens_once_whole():
+    """The byte-level tokenizer splits é, à, — over tokens; the CLI's stream must not print U+FFFD."""
+    import io
+
+    from twotower.generate_cli import TextStream
+    _, tokenizer = twotower.load_default()
+    text = "Café déjà vu — naïve"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    out = io.StringIO()
+    stream = TextStream(tokenizer, out)
+    stream.put(torch.tensor([[1]]))  # the prompt
+    for i in ids:  # one token at a time, as AR decoding puts them
+        stream.put(torch.tensor([i]))
+    stream.end()
+    assert out.getvalue() == text + "\n"

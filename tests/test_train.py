@@ -103,7 +103,7 @@ def test_train_command_rejects_missing_data(tmp_path, capsys, shards):
     assert not (tmp_path / "run").exists()
 
 
-def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path):
+def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "tinystories_val_head.txt").write_text((CORPUS / "tinystories_val_head.txt").read_text()[:30_000])
@@ -119,6 +119,8 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path):
     from twotower.default import load_model
     with safe_open(str(final / "model.safetensors"), "pt") as f:
         assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16  # shipped in bfloat16
+        routers = [k for k in f.keys() if k.endswith("mixer.gate.weight")]
+        assert routers and all(f.get_tensor(k).dtype == torch.float32 for k in routers)  # but not the router
     model, tokenizer = load_model(final)
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
     for method in (model.generate_mask_diffusion, model.generate_mock_ar, model.generate_ar):
@@ -127,4 +129,7 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path):
     done = json.loads((tmp_path / "out" / "export" / "done.json").read_text())
     assert set(done["modes"]) == {"ar", "mock-ar", "diffusion"}
     # a rerun resumes: every stage is done, nothing is trained again
+    capsys.readouterr()
     assert main(["recipe", "smoke", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
+    rerun = capsys.readouterr().out
+    assert all(f"[recipe] {stage}: done already" in rerun for stage in ("corpus", "tokenizer", "pack", "ar", "export"))

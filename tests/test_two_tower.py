@@ -11,12 +11,14 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import randomize, tiny_config
 from twotower import NemotronHForCausalLM, TwoTowerConfig, TwoTowerForCausalLM, nemotron_3_nano_30b_config
+from twotower.evaluate import generate
 from twotower.modeling import causal_mask
 from twotower.norm import gated_group_rms_norm
 from twotower.ssd import ssd_sequential
 from twotower.time_conditioning import modulate
+from twotower.two_tower import GENERATION_MODES
 
-MODES = ["diffusion", "mock_ar", "ar"]
+MODES = list(GENERATION_MODES)
 
 
 def build(seed=0, head_std=8.0, **overrides):
@@ -31,13 +33,6 @@ def build(seed=0, head_std=8.0, **overrides):
     for table in model.scale_shift_tables:
         table.data.mul_(0.2)
     return model
-
-
-def generate(model, mode, ids, **kw):
-    if mode == "diffusion":
-        return model.generate_mask_diffusion(ids, **kw)
-    kw = {k: v for k, v in kw.items() if k not in ("block_size", "steps_per_block", "confidence_threshold")}
-    return model.generate_mock_ar(ids, **kw) if mode == "mock_ar" else model.generate_ar(ids, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from .export import check_empty, save_for_hub
-from .hub import save_state_dict
 from .modeling import NemotronHForCausalLM
 from .two_tower import DIFFUSION_SETTINGS, TwoTowerForCausalLM
 
@@ -46,8 +45,7 @@ def to_two_tower(source: str | Path, target: str | Path, dtype: torch.dtype | No
     check_empty(target)
     single = NemotronHForCausalLM.from_pretrained(source)
     dtype = dtype or single.lm_head.weight.dtype
-    # built in float32, so the float32 router and A_log are copied exactly and then kept
-    model = TwoTowerForCausalLM.from_single_tower(single.float(), **diffusion_settings)
+    model = TwoTowerForCausalLM.from_single_tower(single, **diffusion_settings)
     save_for_hub(model, target, max_shard_bytes=max_shard_bytes, dtype=dtype)
     copy_tokenizer(source, target)
     return Path(target)
@@ -62,8 +60,7 @@ def to_single_tower(source: str | Path, target: str | Path, dtype: torch.dtype |
     config.architectures = ["NemotronHForCausalLM"]
     if hasattr(config, "auto_map"):  # it points at the two-tower modules, which this folder lacks
         del config.auto_map
-    config.save_pretrained(target)
-    save_state_dict(single.state_dict(), target, max_shard_bytes)
+    single.save_pretrained(target, max_shard_bytes)
     copy_tokenizer(source, target)
     return Path(target)
 

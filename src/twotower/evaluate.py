@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .tasks import score_exact
-
-MODES = ("ar", "mock-ar", "diffusion")
+from .two_tower import DIFFUSION_SETTINGS, GENERATION_MODES
 
 
 def ar_parts(model):
@@ -61,20 +60,20 @@ def generate(model, mode: str, ids, **kw):
     """Dispatch to a generation mode; diffusion-only settings are dropped for the AR modes."""
     if mode == "diffusion":
         return model.generate_mask_diffusion(ids, **kw)
-    kw = {k: v for k, v in kw.items() if k not in ("block_size", "steps_per_block", "confidence_threshold",
-                                                    "step_callback")}
+    kw = {k: v for k, v in kw.items() if k not in (*DIFFUSION_SETTINGS, "step_callback")}
     if mode == "mock-ar":
         return model.generate_mock_ar(ids, **kw)
     if mode == "ar":
         return model.generate_ar(ids, **kw)
-    raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
+    raise ValueError(f"unknown mode {mode!r}; use one of {GENERATION_MODES}")
 
 
 def left_pad(rows: list[list[int]], pad_id: int):
+    """[b, n] ids left-padded with pad_id, and the attention mask (None when nothing is padded)."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+    return ids, None if bool(mask.all()) else mask
 
 
 @torch.no_grad()
@@ -89,7 +88,7 @@ def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_toke
         rows = [tokenizer(p).input_ids for p in prompts[i:i + batch_size]]
         ids, mask = left_pad(rows, tokenizer.pad_token_id)
         start = time.perf_counter()
-        out = generate(model, mode, ids, attention_mask=mask if len(rows) > 1 else None,
+        out = generate(model, mode, ids, attention_mask=mask,
                        max_new_tokens=max_new_tokens, eos_token_id=eos, return_dict_in_generate=True, **kw)
         elapsed = time.perf_counter() - start
         for row in out.sequences[:, ids.shape[1]:].tolist():
@@ -118,5 +117,5 @@ def task_accuracy(tokenizer, tasks, generated: list[list[int]]) -> float:
     return right / len(tasks)
 
 
-__all__ = ["MODES", "ar_parts", "token_scores", "token_logprobs", "continuation_nll", "perplexity", "generate",
+__all__ = ["ar_parts", "token_scores", "token_logprobs", "continuation_nll", "perplexity", "generate",
            "left_pad", "run_generation", "story_quality", "task_accuracy"]

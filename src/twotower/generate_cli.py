@@ -10,13 +10,13 @@ import sys
 
 import torch
 
-MODES = ("diffusion", "mock-ar", "ar")
+from .two_tower import GENERATION_MODES
 
 
 def add_arguments(p) -> None:
     p.add_argument("prompt", help="the text to continue")
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--mode", choices=MODES, default="diffusion")
+    p.add_argument("--mode", choices=GENERATION_MODES, default="diffusion")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=None, help="default: the model's (16)")
     p.add_argument("--steps-per-block", type=int, default=None, help="default: the model's (16)")
@@ -42,15 +42,22 @@ class TextStream:
         if not self.prompt_seen:  # the first put is the prompt
             self.prompt_seen = True
             return
-        self.tokens.extend(int(t) for t in value.reshape(-1) if int(t) != self.tokenizer.pad_token_id)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self.out.write(text[self.printed:])
-        self.out.flush()
-        self.printed = len(text)
+        self.tokens.extend(value.reshape(-1).tolist())
+        self._write(final=False)
 
     def end(self) -> None:
+        self._write(final=True)
         self.out.write("\n")
         self.out.flush()
+
+    def _write(self, final: bool) -> None:
+        """Print the decoded text not printed yet; a character whose bytes are split across tokens
+        (decoded as U+FFFD so far) waits for its last token."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        upto = len(text) if final else len(text.rstrip("\ufffd"))
+        self.out.write(text[self.printed:upto])
+        self.out.flush()
+        self.printed = max(self.printed, upto)
 
 
 def render_step(tokenizer, step, mask_token_id: int) -> str:
@@ -63,6 +70,7 @@ def render_step(tokenizer, step, mask_token_id: int) -> str:
 
 def run(args) -> int:
     from .default import load_model
+    from .evaluate import generate
 
     try:
         model, tokenizer = load_model(args.model)
@@ -78,22 +86,16 @@ def run(args) -> int:
                   generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True)
     sys.stdout.write(args.prompt)
     stream = None if args.show_steps else TextStream(tokenizer)
-    try:
-        if args.mode == "diffusion":
-            callback = None
-            if args.show_steps:
-                sys.stdout.write("\n")
-                mask_id = model.config.mask_token_id
+    callback = None
+    if args.show_steps and args.mode == "diffusion":
+        sys.stdout.write("\n")
+        mask_id = model.config.mask_token_id
 
-                def callback(step):
-                    print(render_step(tokenizer, step, mask_id), flush=True)
-            out = model.generate_mask_diffusion(
-                ids, block_size=args.block_size, steps_per_block=args.steps_per_block,
-                confidence_threshold=args.threshold, streamer=stream, step_callback=callback, **common)
-        elif args.mode == "mock-ar":
-            out = model.generate_mock_ar(ids, streamer=stream, **common)
-        else:
-            out = model.generate_ar(ids, streamer=stream, **common)
+        def callback(step):
+            print(render_step(tokenizer, step, mask_id), flush=True)
+    try:
+        out = generate(model, args.mode, ids, block_size=args.block_size, steps_per_block=args.steps_per_block,
+                       confidence_threshold=args.threshold, streamer=stream, step_callback=callback, **common)
     except ValueError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

@@ -156,18 +156,24 @@ def until_eos(new: torch.Tensor, eos_token_id: int | None, pad_token_id: int) ->
     """Replace every token after a row's first EOS by pad. new [b, n]."""
     if eos_token_id is None:
         return new
-    after = (new == eos_token_id).long().cumsum(-1) - (new == eos_token_id).long() > 0
-    return new.masked_fill(after, pad_token_id)
+    return new.masked_fill(after_eos(new, eos_token_id), pad_token_id)
+
+
+def after_eos(new: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """True at the positions after a row's first EOS. new [b, n] -> bool [b, n]."""
+    is_eos = (new == eos_token_id).long()
+    return is_eos.cumsum(-1) - is_eos > 0
 
 
 def finish_generation(input_ids, new, eos_token_id, pad_token_id, stats, start, streamer, return_dict):
     """Trim after EOS, count generated tokens (up to and including EOS), close the streamer."""
-    new = until_eos(new.cpu(), eos_token_id, pad_token_id)
+    new = new.cpu()
     if eos_token_id is None:
         stats.generated_tokens = new.numel()
     else:
-        eos_at = torch.where((new == eos_token_id).any(-1), (new == eos_token_id).long().argmax(-1) + 1, new.shape[1])
-        stats.generated_tokens = int(eos_at.sum())
+        after = after_eos(new, eos_token_id)
+        new = new.masked_fill(after, pad_token_id)
+        stats.generated_tokens = int((~after).sum())
     stats.wall_time = time.perf_counter() - start
     if streamer is not None:
         streamer.end()

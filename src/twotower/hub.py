@@ -98,6 +98,15 @@ def to_transformers_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 FLOAT32_KEYS = re.compile(r"(\.gate\.weight|\.e_score_correction_bias|\.A_log)$")
 
 
+def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(dtype)` in place, except the router and A_log, which stay float32 as loading and
+    saving keep them."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32 if FLOAT32_KEYS.search(name) else dtype)
+    return model
+
+
 def load_into(model: torch.nn.Module, folder: str | Path, dtype: torch.dtype | None = None,
               device: str | torch.device = "cpu", rename=None) -> None:
     """Fill `model` (possibly on `meta`) from a checkpoint folder in either layout.

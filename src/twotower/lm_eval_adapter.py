@@ -33,7 +33,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .default import load_model
-from .evaluate import MODES, generate, left_pad, token_scores
+from .evaluate import generate, left_pad, token_scores
+from .two_tower import GENERATION_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ class TwoTowerLM(TemplateLM):
         # lm_eval passes max_batch_size, which only matters for batch_size "auto" (not supported here)
         super().__init__()
         self.mode = str(mode).replace("_", "-")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if self.mode not in GENERATION_MODES:
+            raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size 'auto' is not supported by the twotower model; give a number")
         model, self.tokenizer = load_model(pretrained, getattr(torch, dtype))
@@ -206,7 +207,7 @@ class TwoTowerLM(TemplateLM):
         while active:
             step = min(size, max_new - done)
             ids, mask = left_pad([prompts[i] + new[i] for i in active], self.tokenizer.pad_token_id)
-            out = generate(self.model, self.mode, ids, attention_mask=mask if len(active) > 1 else None,
+            out = generate(self.model, self.mode, ids, attention_mask=mask,
                            max_new_tokens=step, eos_token_id=eos, return_dict_in_generate=True,
                            **self.settings, **sampling)
             stats["tokens"] += out.stats.generated_tokens

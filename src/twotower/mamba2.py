@@ -116,11 +116,7 @@ class Mamba2Mixer(nn.Module):
             conv_history = block_conv_histories(raw, start, block_states)
         else:
             y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=return_state)
-        y = y + self.D.float()[:, None] * x.float()
-        y = self.norm(y.reshape(b, l, -1), z)
-        if pad_mask is not None:
-            y = y * pad_mask[..., None].to(y.dtype)
-        return self.out_proj(y.to(u.dtype)), (conv_history, ssm_state) if return_state else None
+        return self._output(y, x, z, pad_mask, u.dtype), (conv_history, ssm_state) if return_state else None
 
     def step(self, u: torch.Tensor, state: MambaState, pad_mask: torch.Tensor | None = None):
         """forward for one position u [b, 1, d] continuing `state`: the same function as a scan of
@@ -139,7 +135,12 @@ class Mamba2Mixer(nn.Module):
         x = x.view(b, self.num_heads, self.head_dim)
         y, ssm_state = ssd_step(ssm_state, x, self._dt(dt, pad_mask), -torch.exp(self.A_log.float()),
                                 B.view(b, self.n_groups, -1), C.view(b, self.n_groups, -1))
-        y = self.norm((y + self.D.float()[:, None] * x.float()).view(b, -1), z)
+        return self._output(y, x, z, pad_mask, u.dtype)[:, None], (window[:, :, 1:], ssm_state)
+
+    def _output(self, y, x, z, pad_mask, dtype):
+        """D skip, gated norm, zeros at padding, out_proj. y, x [..., h, p]; z [..., d_inner];
+        pad_mask [...] or None -> [..., hidden] in `dtype`."""
+        y = self.norm((y + self.D.float()[:, None] * x.float()).flatten(-2), z)
         if pad_mask is not None:
-            y = y * pad_mask[:, None].to(y.dtype)
-        return self.out_proj(y.to(u.dtype))[:, None], (window[:, :, 1:], ssm_state)
+            y = y * pad_mask[..., None].to(y.dtype)
+        return self.out_proj(y.to(dtype))

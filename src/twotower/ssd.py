@@ -51,10 +51,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
             for t in (B, C))  # [b, g, 1, c, s, n]
     A_cum = torch.cumsum(Adt, dim=-1)  # [b, g, r, c, s]
 
-    # 1. inside each chunk: C_i . B_j, decayed from step j to step i (j <= i), applied to X_j
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
-    decay = torch.where(causal, _decay(A_cum[..., :, None] - A_cum[..., None, :]), 0.0)
-    y = ((C @ B.transpose(-1, -2)) * decay) @ X  # [b, g, r, c, s, p]
+    # 1. inside each chunk: C_i . B_j, decayed from step j to step i (j <= i), applied to X_j. The
+    # causal mask zeroes C.B, shared by a group's heads; the decay is 1 above the diagonal.
+    decay = _decay(A_cum[..., :, None] - A_cum[..., None, :])  # [b, g, r, c, s, s]
+    y = ((C @ B.transpose(-1, -2)).tril() * decay) @ X  # [b, g, r, c, s, p]
 
     # 2. the state each chunk adds by its end (needed for the next chunk and for the final state)
     carried = c if final_state else c - 1

@@ -139,7 +139,7 @@ class Mamba2Mixer(nn.Module):
     def _output(self, y, x, z, pad_mask, dtype):
         """D skip, gated norm, zeros at padding, out_proj. y, x [..., h, p]; z [..., d_inner];
         pad_mask [...] or None -> [..., hidden] in `dtype`."""
-        y = self.norm((y + self.D.float()[:, None] * x.float()).flatten(-2), z)
+        y = self.norm(torch.addcmul(y, x.float(), self.D.float()[:, None]).flatten(-2), z)
         if pad_mask is not None:
             y = y * pad_mask[..., None].to(y.dtype)
         return self.out_proj(y.to(dtype))

@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _decay(log_decay: torch.Tensor) -> torch.Tensor:
-    """exp of a log-decay (a sum of dt * A <= 0), floored at exp(-80) ~ 2e-35: an absolute change
-    below 2e-35 that keeps results out of the denormal range, where exp is ~30x slower on CPUs.
-    Positive inputs (the masked upper triangle of a chunk) give 1, never inf."""
-    return torch.exp(log_decay.clamp(-80.0, 0.0))
+def _decay_(log_decay: torch.Tensor) -> torch.Tensor:
+    """exp of a log-decay (a sum of dt * A <= 0), in place on a fresh tensor, floored at
+    exp(-80) ~ 2e-35: an absolute change below 2e-35 that keeps results out of the denormal range,
+    where exp is ~30x slower on CPUs. Positive inputs (the masked upper triangle of a chunk) give
+    1, never inf. Autograd-safe: the clamp's and exp's backward need no overwritten input."""
+    return log_decay.clamp_(-80.0, 0.0).exp_()
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chunk_states: bool = False,
@@ -43,26 +44,28 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
     pad = (-l) % chunk
     c = (l + pad) // chunk
     dt = dt.float()
-    # [b, g, r, c, s, .]; padded steps have no input and no decay
+    # chunk-major copies [b, g, r, c, s, .], made once so that every product below reads them as
+    # they are; padded steps have no input and no decay
     X = F.pad(x.float() * dt[..., None], (0, 0, 0, 0, 0, pad)).view(b, c, chunk, g, r, p)
-    X = X.permute(0, 3, 4, 1, 2, 5)
+    X = X.permute(0, 3, 4, 1, 2, 5).contiguous()
     Adt = F.pad(dt * A.float(), (0, 0, 0, pad)).view(b, c, chunk, g, r).permute(0, 3, 4, 1, 2)
-    B, C = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).view(b, c, chunk, g, 1, n).permute(0, 3, 4, 1, 2, 5)
+    B, C = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).view(b, c, chunk, g, 1, n).permute(0, 3, 4, 1, 2, 5).contiguous()
             for t in (B, C))  # [b, g, 1, c, s, n]
     A_cum = torch.cumsum(Adt, dim=-1)  # [b, g, r, c, s]
 
     # 1. inside each chunk: C_i . B_j, decayed from step j to step i (j <= i), applied to X_j. The
     # causal mask zeroes C.B, shared by a group's heads; the decay is 1 above the diagonal.
-    decay = _decay(A_cum[..., :, None] - A_cum[..., None, :])  # [b, g, r, c, s, s]
-    y = ((C @ B.transpose(-1, -2)).tril() * decay) @ X  # [b, g, r, c, s, p]
+    decay = _decay_(A_cum[..., :, None] - A_cum[..., None, :])  # [b, g, r, c, s, s]
+    y = ((C @ B.transpose(-1, -2)).tril_() * decay) @ X  # [b, g, r, c, s, p]
 
     # 2. the state each chunk adds by its end (needed for the next chunk and for the final state)
     carried = c if final_state else c - 1
-    to_end = _decay(A_cum[..., :carried, -1:] - A_cum[..., :carried, :])[..., None]  # [b, g, r, c', s, 1]
+    to_end = _decay_(A_cum[..., :carried, -1:] - A_cum[..., :carried, :])[..., None]  # [b, g, r, c', s, 1]
     added = (X[..., :carried, :, :] * to_end).transpose(-1, -2) @ B[..., :carried, :, :]  # [b, g, r, c', p, n]
 
     # 3. carry the state across chunks, one step per chunk
-    chunk_decay = _decay(A_cum[..., -1])[..., None, None]  # [b, g, r, c, 1, 1]
+    from_start = _decay_(A_cum.clone())  # [b, g, r, c, s]: decay from each chunk's start to step s
+    chunk_decay = from_start[..., -1, None, None]  # [b, g, r, c, 1, 1]
     state = x.new_zeros(b, g, r, p, n, dtype=torch.float32) if initial_state is None \
         else initial_state.float().reshape(b, g, r, p, n)
     entering = []
@@ -72,9 +75,10 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
             state = torch.addcmul(added[:, :, :, i], state, chunk_decay[:, :, :, i])
     states = torch.stack(entering, dim=3) if c > 1 else entering[0][:, :, :, None]  # [b, g, r, c, p, n]
 
-    # 4. what the state entering each chunk contributes to its outputs
-    y = y + (C @ states.transpose(-1, -2)) * _decay(A_cum)[..., None]
-    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * chunk, h, p)[:, :l]
+    # 4. what the state entering each chunk contributes to its outputs, added by the product
+    decayed_C = (C * from_start[..., None]).view(-1, chunk, n)  # [b g r c, s, n]
+    y = torch.baddbmm(y.view(-1, chunk, p), decayed_C, states.view(-1, p, n).transpose(1, 2))
+    y = y.view(b, g, r, c, chunk, p).permute(0, 3, 4, 1, 2, 5).reshape(b, c * chunk, h, p)[:, :l]
     last = state.reshape(b, h, p, n) if final_state else None
     if return_chunk_states:
         return y, last, states.permute(0, 3, 1, 2, 4, 5).reshape(b, c, h, p, n)

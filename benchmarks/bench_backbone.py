@@ -25,6 +25,7 @@ import torch
 import transformers
 
 from twotower import NemotronHConfig, NemotronHForCausalLM
+from twotower.cpu_memory import keep_freed_memory
 
 PROMPT, DECODE_PROMPT, NEW_TOKENS = 512, 32, 64
 
@@ -100,7 +101,11 @@ def measure(ours, theirs, fn, ids, runs: int) -> tuple[float, float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (by default the script, like the twotower command, "
+                             "applies twotower.cpu_memory.keep_freed_memory, for every model it runs)")
     args = parser.parse_args()
+    malloc = "glibc default" if args.default_malloc else f"keep_freed_memory: {keep_freed_memory()}"
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
@@ -128,7 +133,8 @@ def main():
                 rows.append(f"| {name} | {phase} | {tokens / a:,.0f} | {tokens / b:,.0f} | {b / a:.2f}x |")
 
     print(f"\n{n_params / 1e6:.1f}M parameters, pattern {model.config.layer_kinds}, {torch.get_num_threads()} "
-          f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, median of {args.runs} runs; "
+          f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, malloc {malloc}, "
+          f"median of {args.runs} runs; "
           f"tokens/s\n")
     print("| dtype | phase | ours | transformers | ours / transformers |")
     print("|---|---|---|---|---|")

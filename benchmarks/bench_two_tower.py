@@ -20,6 +20,7 @@ import time
 import torch
 
 from twotower import TwoTowerConfig, TwoTowerForCausalLM
+from twotower.cpu_memory import keep_freed_memory
 
 
 # ~20M parameters per tower with every layer kind (shared with bench_train.py)
@@ -88,9 +89,13 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (by default the script, like the twotower command, "
+                        "applies twotower.cpu_memory.keep_freed_memory, for every model it runs)")
     args = p.parse_args()
+    malloc = "glibc default" if args.default_malloc else f"keep_freed_memory: {keep_freed_memory()}"
     print(f"context {args.context} tokens, block {args.block}, medians of {args.repeats}, "
-          f"{torch.get_num_threads()} threads\n")
+          f"{torch.get_num_threads()} threads, malloc {malloc}\n")
     print("| dtype | tower params | AR decode step (ms) | denoiser block forward (ms) | ratio | "
           "context advance by a block (ms) | ratio |")
     print("|---|---|---|---|---|---|---|")

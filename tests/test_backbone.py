@@ -3,6 +3,7 @@ the plain SSM recurrence, a per-token MoE loop, and recompute-from-scratch for e
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -434,3 +435,36 @@ def test_cache_memory_formulas_match_a_real_cache():
     assert cache.nbytes() == 40 * kv_float32 + mamba_state_bytes(model.config)
     nano = nemotron_3_nano_30b_config()
     assert kv_cache_bytes_per_token(nano) == 6 * 1024 and round(mamba_state_bytes(nano) / 2**20, 1) == 47.6
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
+def test_keep_freed_memory_spares_a_prefill_its_page_faults():
+    """In a fresh process (the setting is process-wide), a bfloat16 Mamba-2 forward over 512 tokens
+    page-faults for its temporaries with glibc's defaults; after keep_freed_memory() it reuses
+    freed memory: at least 4x fewer minor faults per forward (measured 1,248 -> 51 here)."""
+    code = textwrap.dedent("""
+        import resource, sys, torch
+        sys.path.insert(0, "tests")
+        from conftest import tiny_config
+        from twotower.cpu_memory import keep_freed_memory
+        from twotower.mamba2 import Mamba2Mixer
+        config = tiny_config(hidden_size=256, mamba_num_heads=8, mamba_head_dim=64, ssm_state_size=64,
+                             n_groups=2, chunk_size=128)
+        mixer, u = Mamba2Mixer(config).bfloat16(), torch.randn(1, 512, 256, dtype=torch.bfloat16)
+        def faults_per_forward():
+            with torch.no_grad():
+                for _ in range(3):
+                    mixer(u)
+                start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                for _ in range(10):
+                    mixer(u)
+            return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10
+        before = faults_per_forward()
+        taken = keep_freed_memory()
+        print(before, taken, faults_per_forward())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    before, taken, after = out.stdout.split()
+    assert taken == "True" and float(after) * 4 <= float(before), out.stdout

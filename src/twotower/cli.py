@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from .cpu_memory import keep_freed_memory
+
 COMMANDS = {
     # name: (module, one-line help)
     "generate": ("twotower.generate_cli", "generate text in diffusion, mock-AR or AR mode"),
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints usage / the error for an unknown command
         return 2
+    keep_freed_memory()  # this process is ours: spare its forwards the page faults (cpu_memory.py)
     module = importlib.import_module(COMMANDS[argv[0]][0])
     command = argparse.ArgumentParser(prog=f"twotower {argv[0]}", description=COMMANDS[argv[0]][1])
     module.add_arguments(command)

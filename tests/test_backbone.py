@@ -18,6 +18,7 @@ from twotower import NemotronHForCausalLM, nemotron_3_nano_30b_config
 from twotower.config import NemotronHConfig
 from twotower.hub import to_transformers_layout
 from twotower.linear import Linear, split_linear
+from twotower.mlp import MLP
 from twotower.moe import MoE
 from twotower.ssd import ssd_chunked, ssd_sequential
 
@@ -243,6 +244,19 @@ def test_chunked_scan_gradients_equal_sequential_recurrence():
 
     for chunked, sequential in zip(grads(ssd_chunked, 8), grads(ssd_sequential)):
         assert (chunked - sequential).abs().max() <= 1e-5 * sequential.abs().max()
+
+
+def test_mlp_in_place_activation_keeps_values_and_gradients():
+    """relu2_ works in place on the up projection's output; values and gradients must be those
+    of down(relu(up(x))^2) written plainly (float32, bound 1e-6 of scale)."""
+    torch.manual_seed(0)
+    mlp, x = MLP(8, 16), torch.randn(3, 8)
+    ours = mlp(x)
+    plain = F.linear(F.relu(F.linear(x, mlp.up_proj.weight)) ** 2, mlp.down_proj.weight)
+    assert (ours - plain).abs().max() <= 1e-6 * plain.abs().max()
+    weights = (mlp.up_proj.weight, mlp.down_proj.weight)
+    for g1, g2 in zip(torch.autograd.grad(ours.square().sum(), weights), torch.autograd.grad(plain.square().sum(), weights)):
+        assert (g1 - g2).abs().max() <= 1e-6 * g2.abs().max()
 
 
 def test_moe_equals_naive_per_token_loop():

@@ -44,14 +44,15 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
     pad = (-l) % chunk
     c = (l + pad) // chunk
     dt = dt.float()
-    # chunk-major copies [b, g, r, c, s, .], made once so that every product below reads them as
-    # they are; padded steps have no input and no decay
-    X = F.pad(x.float() * dt[..., None], (0, 0, 0, 0, 0, pad)).view(b, c, chunk, g, r, p)
-    X = X.permute(0, 3, 4, 1, 2, 5).contiguous()
-    Adt = F.pad(dt * A.float(), (0, 0, 0, pad)).view(b, c, chunk, g, r).permute(0, 3, 4, 1, 2)
-    B, C = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).view(b, c, chunk, g, 1, n).permute(0, 3, 4, 1, 2, 5).contiguous()
-            for t in (B, C))  # [b, g, 1, c, s, n]
-    A_cum = torch.cumsum(Adt, dim=-1)  # [b, g, r, c, s]
+
+    def by_chunk(t):  # [b, l, h or g, ...] -> [b, c, s, g, r or 1, ...]; padded steps: no input, no decay
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
+        return t.unflatten(1, (c, chunk)).unflatten(3, (g, -1))
+
+    # chunk-major copies [b, g, r, c, s, .], made once so that every product below reads them as they are
+    X = by_chunk(x.float() * dt[..., None]).permute(0, 3, 4, 1, 2, 5).contiguous()
+    B, C = (by_chunk(t.float()).permute(0, 3, 4, 1, 2, 5).contiguous() for t in (B, C))  # [b, g, 1, c, s, n]
+    A_cum = torch.cumsum(by_chunk(dt * A.float()).permute(0, 3, 4, 1, 2), dim=-1)  # [b, g, r, c, s]
 
     # 1. inside each chunk: C_i . B_j, decayed from step j to step i (j <= i), applied to X_j. The
     # causal mask zeroes C.B, shared by a group's heads; the decay is 1 above the diagonal.
@@ -77,7 +78,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
 
     # 4. what the state entering each chunk contributes to its outputs, added by the product
     decayed_C = (C * from_start[..., None]).view(-1, chunk, n)  # [b g r c, s, n]
-    y = torch.baddbmm(y.view(-1, chunk, p), decayed_C, states.view(-1, p, n).transpose(1, 2))
+    y = y.view(-1, chunk, p).baddbmm_(decayed_C, states.view(-1, p, n).transpose(1, 2))  # y is fresh
     y = y.view(b, g, r, c, chunk, p).permute(0, 3, 4, 1, 2, 5).reshape(b, c * chunk, h, p)[:, :l]
     last = state.reshape(b, h, p, n) if final_state else None
     if return_chunk_states:

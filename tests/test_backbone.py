@@ -20,6 +20,7 @@ from twotower.hub import to_transformers_layout
 from twotower.linear import Linear, split_linear
 from twotower.mlp import MLP
 from twotower.moe import MoE
+from twotower.norm import rms_norm
 from twotower.ssd import ssd_chunked, ssd_sequential
 
 PATTERNS = ["M*EM-E*M", "*EMM-", "EM*-ME"]
@@ -244,6 +245,18 @@ def test_chunked_scan_gradients_equal_sequential_recurrence():
 
     for chunked, sequential in zip(grads(ssd_chunked, 8), grads(ssd_sequential)):
         assert (chunked - sequential).abs().max() <= 1e-5 * sequential.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_rounds_once_from_float32(dtype):
+    """rms_norm hands low-precision inputs to the kernel as they are: it must be bitwise the
+    float32 computation rounded once to the input's dtype."""
+    g = torch.Generator().manual_seed(0)
+    for width in (32, 256, 2688):
+        x = (torch.randn(300, width, generator=g) * 4).to(dtype)
+        weight = (torch.rand(width, generator=g) * 2).to(dtype)
+        expected = F.rms_norm(x.float(), (width,), weight.float(), 1e-5).to(dtype)
+        assert torch.equal(rms_norm(x, weight, 1e-5), expected)
 
 
 def test_mlp_in_place_activation_keeps_values_and_gradients():

@@ -65,8 +65,10 @@ def block_causal_mask(n: int, block_size: int, device=None) -> torch.Tensor:
 
 
 def denoiser_all_blocks(model, noisy: torch.Tensor, t: torch.Tensor, context_states,
-                        block_size: int) -> torch.Tensor:
-    """Denoiser logits [b, n, vocab] for every block of noisy [b, n] in one pass."""
+                        block_size: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Denoiser logits [b, n, vocab] for every block of noisy [b, n] in one pass; with
+    `positions` (bool [b, n]) only at those positions, [count, vocab] (the loss reads the masked
+    ones: the head and the float32 logits cost half as much on average)."""
     b, n = noisy.shape
     L = block_size
     blocks = -(-n // L)
@@ -85,6 +87,8 @@ def denoiser_all_blocks(model, noisy: torch.Tensor, t: torch.Tensor, context_sta
             h = out.reshape(b, blocks * L, -1)[:, :n]
         else:
             h, _ = layer(h, context_states[i], mask, None, modulation)
+    if positions is not None:
+        h = h[positions]
     return model.lm_head(model.denoiser_tower.norm_f(h)).float()
 
 
@@ -103,8 +107,8 @@ def masked_diffusion_loss(model, ids: torch.Tensor, block_size: int,
     L = block_size or model.config.block_size
     noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator)
     states = context_block_states(model, ids, L)
-    logits = denoiser_all_blocks(model, noisy, t, states, L)
-    loss = F.cross_entropy(logits[masked], ids[masked], reduction="sum")
+    logits = denoiser_all_blocks(model, noisy, t, states, L, positions=masked)
+    loss = F.cross_entropy(logits, ids[masked], reduction="sum")
     return loss, masked.sum()
 
 

@@ -19,9 +19,9 @@ from twotower.config import NemotronHConfig
 from twotower.hub import to_transformers_layout
 from twotower.linear import Linear, split_linear
 from twotower.mlp import MLP
-from twotower.moe import MoE
+from twotower.moe import MoE, route
 from twotower.norm import rms_norm
-from twotower.ssd import ssd_chunked, ssd_sequential
+from twotower.ssd import ssd_chunked, ssd_sequential, ssd_step
 
 PATTERNS = ["M*EM-E*M", "*EMM-", "EM*-ME"]
 
@@ -257,6 +257,26 @@ def test_rms_norm_rounds_once_from_float32(dtype):
         weight = (torch.rand(width, generator=g) * 2).to(dtype)
         expected = F.rms_norm(x.float(), (width,), weight.float(), 1e-5).to(dtype)
         assert torch.equal(rms_norm(x, weight, 1e-5), expected)
+
+
+def test_scan_and_router_stay_float32_under_autocast():
+    """bfloat16 autocast (training) must not reach the float32 scan and router: their results are
+    bitwise those computed without it."""
+    g = torch.Generator().manual_seed(3)
+    b, length, h, p, n, groups = 2, 40, 4, 8, 6, 2
+    x, dt = torch.randn(b, length, h, p, generator=g), torch.rand(b, length, h, generator=g) * 0.5
+    A, B, C = -torch.rand(h, generator=g), torch.randn(b, length, groups, n, generator=g), \
+        torch.randn(b, length, groups, n, generator=g)
+    state, u, weight = torch.randn(b, h, p, n, generator=g), torch.randn(7, 16, generator=g), torch.randn(8, 16, generator=g)
+
+    def run():
+        return (*ssd_chunked(x, dt, A, B, C, 16, state), *ssd_step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0]),
+                *route(u, weight, torch.zeros(8), top_k=2))
+
+    plain = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run()
+    assert all(torch.equal(a, b) for a, b in zip(plain, autocast))
 
 
 def test_mlp_in_place_activation_keeps_values_and_gradients():

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from .mlp import MLP
+from .precision import without_autocast
 
 ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+@without_autocast
 def route(
     u: torch.Tensor,
     weight: torch.Tensor,
@@ -26,7 +28,8 @@ def route(
     scaling: float = 1.0,
     dtype: torch.dtype = torch.float32,
 ):
-    """Choose experts for each token. u [t, d] -> (expert ids [t, k], weights [t, k] in `dtype`)."""
+    """Choose experts for each token. u [t, d] -> (expert ids [t, k], weights [t, k] in `dtype`),
+    computed in `dtype` under autocast too."""
     scores = torch.sigmoid(u.to(dtype) @ weight.to(dtype).T)  # [t, e]
     choice = scores + correction_bias.to(dtype)
     if n_group > 1:  # keep the experts of the `topk_group` best groups (a group scores its best two)

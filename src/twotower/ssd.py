@@ -7,7 +7,7 @@ Per head h with state S of shape [P, N] and group g(h) = h // (heads / groups):
 
 `ssd_chunked` computes exactly this with the SSD block decomposition (quadratic inside a chunk,
 recurrent across chunks); `ssd_sequential` is the plain loop it is tested against. Everything
-runs in float32: seeded states can be O(1e3) and overflow bfloat16.
+runs in float32, autocast or not: seeded states can be O(1e3) and overflow bfloat16.
 
 Shapes: x [b, l, h, p], dt [b, l, h] (after softplus and clamping), A [h], B and C [b, l, g, n],
 state [b, h, p, n].
@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import without_autocast
+
 
 def _decay_(log_decay: torch.Tensor) -> torch.Tensor:
     """exp of a log-decay (a sum of dt * A <= 0), in place on a fresh tensor, floored at
@@ -27,6 +29,7 @@ def _decay_(log_decay: torch.Tensor) -> torch.Tensor:
     return log_decay.clamp_(-80.0, 0.0).exp_()
 
 
+@without_autocast
 def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chunk_states: bool = False,
                 final_state: bool = True):
     """Chunked SSD scan. Returns (y [b, l, h, p], final_state [b, h, p, n]), both float32, and with
@@ -86,6 +89,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
     return y, last
 
 
+@without_autocast
 def ssd_step(state, x, dt, A, B, C):
     """One recurrence step. state [b, h, p, n]; x [b, h, p]; dt [b, h]; B, C [b, g, n].
 

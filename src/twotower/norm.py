@@ -24,10 +24,9 @@ def gated_group_rms_norm(
     The gate is applied before the norm (`norm_before_gate=False`), as the checkpoints expect.
     y, z: [..., d] -> [..., d] in y's dtype.
     """
-    v = F.silu(z.float()).mul_(y.float()).unflatten(-1, (-1, group_size))  # the gate's output is fresh
-    # one reading pass for the mean square (no squared copy), then one scaling pass
-    mean_square = torch.linalg.vector_norm(v, dim=-1, keepdim=True).square() / group_size
-    return weight * (v * torch.rsqrt(mean_square + eps)).flatten(-2).to(y.dtype)
+    v = F.silu(z.float()).mul_(y.float())  # in place on the gate's fresh output; contiguous for the norm
+    groups = F.rms_norm(v.unflatten(-1, (-1, group_size)), (group_size,), eps=eps)
+    return weight * groups.flatten(-2).to(y.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -81,7 +81,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
 
     # 4. what the state entering each chunk contributes to its outputs, added by the product
     decayed_C = (C * from_start[..., None]).view(-1, chunk, n)  # [b g r c, s, n]
-    y = y.view(-1, chunk, p).baddbmm_(decayed_C, states.view(-1, p, n).transpose(1, 2))  # y is fresh
+    y = y.view(-1, chunk, p).baddbmm_(decayed_C, states.reshape(-1, p, n).transpose(1, 2))  # y is fresh
     y = y.view(b, g, r, c, chunk, p).permute(0, 3, 4, 1, 2, 5).reshape(b, c * chunk, h, p)[:, :l]
     last = state.reshape(b, h, p, n) if final_state else None
     if return_chunk_states:

@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from twotower import NemotronHConfig, NemotronHForCausalLM
-from twotower.cpu_memory import keep_freed_memory
+from twotower.cpu_memory import add_malloc_option, apply_malloc_option
 
 PROMPT, DECODE_PROMPT, NEW_TOKENS = 512, 32, 64
 
@@ -101,11 +101,9 @@ def measure(ours, theirs, fn, ids, runs: int) -> tuple[float, float]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (by default the script, like the twotower command, "
-                             "applies twotower.cpu_memory.keep_freed_memory, for every model it runs)")
+    add_malloc_option(parser)
     args = parser.parse_args()
-    malloc = "glibc default" if args.default_malloc else f"keep_freed_memory: {keep_freed_memory()}"
+    malloc = apply_malloc_option(args)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 from twotower import TwoTowerConfig, TwoTowerForCausalLM
-from twotower.cpu_memory import keep_freed_memory
+from twotower.cpu_memory import add_malloc_option, apply_malloc_option
 
 
 # ~20M parameters per tower with every layer kind (shared with bench_train.py)
@@ -89,11 +89,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's malloc as it is (by default the script, like the twotower command, "
-                        "applies twotower.cpu_memory.keep_freed_memory, for every model it runs)")
+    add_malloc_option(p)
     args = p.parse_args()
-    malloc = "glibc default" if args.default_malloc else f"keep_freed_memory: {keep_freed_memory()}"
+    malloc = apply_malloc_option(args)
     print(f"context {args.context} tokens, block {args.block}, medians of {args.repeats}, "
           f"{torch.get_num_threads()} threads, malloc {malloc}\n")
     print("| dtype | tower params | AR decode step (ms) | denoiser block forward (ms) | ratio | "

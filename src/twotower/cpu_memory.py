@@ -38,3 +38,15 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: 
     # the mmap threshold first: fixing the trim threshold alone turns off glibc's adaptive mmap
     # threshold, and every block above 128 KiB would then be mapped and faulted in afresh
     return mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+
+
+def add_malloc_option(parser) -> None:
+    """`--default-malloc` for a benchmark's command line: measure without `keep_freed_memory`."""
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (by default the script, like the twotower command, "
+                             "applies twotower.cpu_memory.keep_freed_memory, for every model it runs)")
+
+
+def apply_malloc_option(args) -> str:
+    """Apply the choice of `add_malloc_option`; returns it in words for the benchmark's output."""
+    return "glibc default" if args.default_malloc else f"keep_freed_memory: {keep_freed_memory()}"

@@ -10,7 +10,7 @@ the two models; every figure is a median. Threads and OpenMP settings are torch'
 user gets (set OMP_NUM_THREADS or OMP_WAIT_POLICY to measure others); run it on an otherwise idle
 machine. Prints a Markdown table.
 
-    python benchmarks/bench_backbone.py [--runs 5]
+    python benchmarks/bench_backbone.py [--runs 5] [--breakdown] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -98,9 +98,28 @@ def measure(ours, theirs, fn, ids, runs: int) -> tuple[float, float]:
     return statistics.median(times[id(ours)]), statistics.median(times[id(theirs)])
 
 
+PRODUCTS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::addmm")
+
+
+def breakdown(model, fn, ids) -> dict:
+    """Profiled milliseconds of one `fn(model, ids)`, averaged over 3 runs: matrix products,
+    attention (SDPA) and all other operators, by their own time (the profiler adds a little to
+    each operator, so the last is an upper bound)."""
+    fn(model, ids)
+    with torch.profiler.profile() as prof:
+        for _ in range(3):
+            fn(model, ids)
+    own = {e.key: e.self_cpu_time_total / 3e3 for e in prof.key_averages()}
+    products = sum(own.get(k, 0.0) for k in PRODUCTS)
+    attention = sum(v for k, v in own.items() if "scaled_dot_product" in k)
+    return {"products": products, "attention": attention, "other": sum(own.values()) - products - attention}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile our prefill and decode: matrix products, attention, other operators")
     add_malloc_option(parser)
     args = parser.parse_args()
     malloc = apply_malloc_option(args)
@@ -136,6 +155,13 @@ def main():
             for phase, tokens, (a, b) in (("prefill", PROMPT, t_prefill), ("decode", NEW_TOKENS, t_decode),
                                           ("forward, all logits", PROMPT, t_forward)):
                 rows.append(f"| {name} | {phase} | {tokens / a:,.0f} | {tokens / b:,.0f} | {b / a:.2f}x |")
+            if args.breakdown:
+                for phase, fn, ids, (_, theirs_s), target in (("prefill", prefill, long_ids, t_prefill, 1.5),
+                                                              ("decode", decode, short_ids, t_decode, 2.0)):
+                    ms = breakdown(ours, fn, ids)
+                    print(f"  our {name} {phase}, profiled: products {ms['products']:.1f} ms, attention "
+                          f"{ms['attention']:.1f} ms, other operators {ms['other']:.1f} ms; {target}x transformers "
+                          f"allows {theirs_s * 1e3 / target:.1f} ms in all")
 
     print(f"\n{n_params / 1e6:.1f}M parameters, pattern {model.config.layer_kinds}, {torch.get_num_threads()} "
           f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, malloc {malloc}, "

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import tiny_config  # this file's folder is on the path, run directly or imported by the tests
+from twotower import NemotronHForCausalLM, TwoTowerForCausalLM
 from twotower.trainer import Trainer, TrainConfig
 
 VOCAB = 32
@@ -110,14 +112,6 @@ def config(out: str, steps: int, grad_accum: int = 2, checkpoint_every: int = 0,
 
 def build_two_tower():
     """A tiny two-tower model (every layer kind), the same weights every time."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import tiny_config
-
-    from twotower import NemotronHForCausalLM, TwoTowerForCausalLM
-
     torch.manual_seed(0)
     return TwoTowerForCausalLM.from_single_tower(NemotronHForCausalLM(tiny_config("M*E", vocab_size=VOCAB)))
 

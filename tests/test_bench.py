@@ -29,6 +29,7 @@ def test_quick_run_defaults_to_the_embedded_model_and_its_heldout_prompts(tmp_pa
     stories, tasks = load_prompts(DEFAULT_MODEL_DIR)
     assert len(stories) == 40 and len(tasks) == 100  # the model folder's held-out sets
     assert report["prompts"]["stories"] >= 1 and report["prompts"]["tasks"] >= 1
+    assert report["prompts"] == {"stories": 2, "tasks": 5}  # --quick's share of those sets
     assert report["headline"]["block_size"] == 16 and report["headline"]["confidence_threshold"] == 0.8
 
 

@@ -98,7 +98,7 @@ def test_generate_until_cuts_at_the_first_stop_string_and_stops_early(lm):
     assert single == free[:free.find(later)]
 
 
-def test_local_tasks_run_through_simple_evaluate(model_dir, monkeypatch):
+def test_local_tasks_run_through_simple_evaluate(model_dir, lm, monkeypatch):
     monkeypatch.chdir(DATA)  # the task files name their data relative to their folder
     args = ",".join(f"{k}={v}" for k, v in dict(pretrained=model_dir, **SETTINGS).items())
     out = lm_eval.simple_evaluate(model="twotower", model_args=args, batch_size=2,
@@ -106,7 +106,6 @@ def test_local_tasks_run_through_simple_evaluate(model_dir, monkeypatch):
                                   task_manager=TaskManager(include_path=str(DATA)), log_samples=True)
     results = out["results"]
     docs = [json.loads(line) for line in (DATA / "choice.jsonl").read_text().splitlines()]
-    lm = TwoTowerLM(pretrained=str(model_dir), **SETTINGS)
     right = 0
     for doc in docs:
         scores = [direct_score(lm.model, *split(lm, doc["question"], " " + c))[0] for c in doc["choices"]]

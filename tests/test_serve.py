@@ -17,7 +17,8 @@ psutil = pytest.importorskip("psutil")
 import torch  # noqa: E402
 
 from twotower.default import load_model  # noqa: E402
-from twotower.serve import ServeConfig, _Text, background_server, create_app  # noqa: E402
+from twotower.serve import ServeConfig, background_server, create_app  # noqa: E402
+from twotower.tokenizer import IncrementalText  # noqa: E402
 
 KEY = "test-key"
 MODEL = "twotower"
@@ -124,7 +125,7 @@ def test_streamed_text_equals_plain_text(client, chat, mode, temperature, seed):
 
 
 def test_incremental_text_adds_up_decodes_windows_and_stops(embedded):
-    """_Text with the real tokenizer, token by token: the pieces add up to the whole decode
+    """IncrementalText (the server's streams) with the real tokenizer, token by token: the pieces add up to the whole decode
     (characters split across byte-level tokens included), no call decodes more than a few tokens
     however long the answer, and a stop string ends the text without any of it leaking out."""
     tokenizer = embedded[1]
@@ -136,12 +137,12 @@ def test_incremental_text_adds_up_decodes_windows_and_stops(embedded):
         windows.append(len(window))
         return tokenizer.decode(window, skip_special_tokens=True)
 
-    stream = _Text(decode, ())
+    stream = IncrementalText(decode, ())
     pieces = [stream.feed([i], final=False)[0] for i in ids[:-1]] + [stream.feed(ids[-1:], final=True)[0]]
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert len(ids) > 300 and max(windows) <= 8, max(windows)
 
-    stream = _Text(decode, ("vu, na",))
+    stream = IncrementalText(decode, ("vu, na",))
     pieces, stopped = [], False
     for i in ids:
         piece, stopped = stream.feed([i], final=False)

@@ -302,7 +302,8 @@ def run(args) -> int:
     print(table)
     top = headline(rows)
     if top is not None:
-        print(f"headline (diffusion, block 16, threshold 0.8): {top['speedup_vs_ar']:.2f}x AR's tokens/s, "
+        print(f"headline (diffusion, block {HEADLINE[0]}, threshold {HEADLINE[1]}): "
+              f"{top['speedup_vs_ar']:.2f}x AR's tokens/s, "
               f"{top['tokens_per_denoiser_forward']:.2f} tokens per denoiser forward, quality retained "
               + ("-" if top["quality_retained"] is None else f"{top['quality_retained']:.1%}"))
     if args.json:

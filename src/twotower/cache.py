@@ -32,20 +32,21 @@ class HybridCache:
     def empty(cls, num_layers: int) -> "HybridCache":
         return cls(states=[None] * num_layers)
 
+    def _first_tensor(self) -> torch.Tensor | None:
+        return next((s[0] for s in self.states if s is not None), None)
+
     @property
     def batch_size(self) -> int:
-        for s in self.states:
-            if s is not None:
-                return s[0].shape[0]
+        first = self._first_tensor()
+        if first is not None:
+            return first.shape[0]
         return 0 if self.pad_mask is None else self.pad_mask.shape[0]
 
     @property
     def device(self) -> torch.device | None:
         """Where the cached tensors are (None while the cache is empty)."""
-        for s in self.states:
-            if s is not None:
-                return s[0].device
-        return None
+        first = self._first_tensor()
+        return None if first is None else first.device
 
     def clone(self) -> "HybridCache":
         return HybridCache(_map(torch.clone, self.states), self.length,

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from .export import check_empty, save_for_hub
+from .hub import DEFAULT_SHARD_BYTES
 from .modeling import NemotronHForCausalLM
 from .two_tower import DIFFUSION_SETTINGS, TwoTowerForCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
 def copy_tokenizer(source: str | Path, target: str | Path) -> None:
@@ -43,10 +43,9 @@ def to_two_tower(source: str | Path, target: str | Path, dtype: torch.dtype | No
     """Two-tower folder from a single-tower NemotronH folder. `dtype` defaults to the source's;
     `diffusion_settings` (block_size, mask_token_id, ...) go to the new config."""
     check_empty(target)
-    single = NemotronHForCausalLM.from_pretrained(source)
-    dtype = dtype or single.lm_head.weight.dtype
+    single = NemotronHForCausalLM.from_pretrained(source, dtype=dtype)  # cast while loading: no second copy
     model = TwoTowerForCausalLM.from_single_tower(single, **diffusion_settings)
-    save_for_hub(model, target, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    save_for_hub(model, target, max_shard_bytes=max_shard_bytes)
     copy_tokenizer(source, target)
     return Path(target)
 
@@ -56,10 +55,7 @@ def to_single_tower(source: str | Path, target: str | Path, dtype: torch.dtype |
     """AR model folder (context tower + context_lm_head) from a two-tower folder."""
     check_empty(target)
     single = TwoTowerForCausalLM.from_pretrained(source, dtype=dtype).context_model()
-    config = single.config
-    config.architectures = ["NemotronHForCausalLM"]
-    if hasattr(config, "auto_map"):  # it points at the two-tower modules, which this folder lacks
-        del config.auto_map
+    single.config.architectures = ["NemotronHForCausalLM"]
     single.save_pretrained(target, max_shard_bytes)
     copy_tokenizer(source, target)
     return Path(target)

@@ -26,12 +26,21 @@ def ar_parts(model):
 
 
 @torch.no_grad()
-def token_scores(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+def token_scores(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None):
     """(log p(ids[:, t] | ids[:, :t]), whether ids[:, t] is the AR tower's greedy choice) for t >= 1.
-    ids [b, n] -> ([b, n-1] float32, [b, n-1] bool)."""
+    ids [b, n] -> ([b, n-1] float32, [b, n-1] bool). With `positions` (bool [b, n-1]) the head
+    runs at those targets only (a continuation after a long context); elsewhere 0 and True."""
     tower, head = ar_parts(model)
-    logits = head(tower(ids, None, attention_mask)[:, :-1]).float()
-    return F.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0], logits.argmax(-1) == ids[:, 1:]
+    h, targets = tower(ids, None, attention_mask)[:, :-1], ids[:, 1:]
+    if positions is not None:
+        h, targets = h[positions], targets[positions]
+    logits = head(h).float()
+    logprobs, greedy = F.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0], logits.argmax(-1) == targets
+    if positions is None:
+        return logprobs, greedy
+    return (torch.zeros(positions.shape, device=ids.device).masked_scatter(positions, logprobs),
+            torch.ones_like(positions).masked_scatter(positions, greedy))
 
 
 def token_logprobs(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import inspect
 import textwrap
 from pathlib import Path
 
 import torch
 
-from .hub import FLOAT32_KEYS, INDEX_NAME, save_state_dict
+from .hub import DEFAULT_SHARD_BYTES, INDEX_NAME, kept_dtype, save_state_dict
 from .two_tower import TwoTowerConfig
 
 PACKAGE_DIR = Path(__file__).parent
@@ -45,6 +46,7 @@ class ExportError(RuntimeError):
 
 # ---------------------------------------------------------------------------- the generated modules
 
+@functools.cache  # an export reads each module several times; the result is only read
 def _parse(module: str) -> tuple[list[str], ast.Module]:
     source = (PACKAGE_DIR / f"{module}.py").read_text()
     return source.splitlines(), ast.parse(source)
@@ -123,7 +125,7 @@ def _check(filename: str, source: str, allowed_import: str | None) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ExportError(f"{filename}: the inlined modules both define {twice}")
-    compile(source, filename, "exec")
+    compile(tree, filename, "exec")
 
 
 def _module_header(what: str, sources: list[str]) -> str:
@@ -165,7 +167,7 @@ def export_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     """The tensors `save_for_hub` writes, by checkpoint key: the model's state dict (its names are
     the release's), cast to `dtype` except the router and A_log, which stay float32. Works on a
     model built on `meta`, which gives the layout of a checkpoint without its weights."""
-    return {k: t if dtype is None or FLOAT32_KEYS.search(k) else t.to(dtype) for k, t in model.state_dict().items()}
+    return {k: t if dtype is None else t.to(kept_dtype(k, dtype)) for k, t in model.state_dict().items()}
 
 
 def check_empty(folder: str | Path) -> None:
@@ -177,7 +179,7 @@ def check_empty(folder: str | Path) -> None:
         raise FileExistsError(f"{folder} already holds a checkpoint ({', '.join(old[:3])}); choose an empty folder")
 
 
-def save_for_hub(model, folder: str | Path, tokenizer=None, max_shard_bytes: int = 5 * 2**30,
+def save_for_hub(model, folder: str | Path, tokenizer=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  dtype: torch.dtype | None = None) -> Path:
     """Write `model` (a `TwoTowerForCausalLM`) as a Hub folder in the release's layout that loads
     with `trust_remote_code=True` without this package. Weights in `dtype` (default: as they are),

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from .tokenizer import IncrementalText
 from .two_tower import GENERATION_MODES
 
 
@@ -30,34 +31,26 @@ def add_arguments(p) -> None:
 
 
 class TextStream:
-    """A transformers-style streamer that prints each committed piece as soon as it exists."""
+    """A transformers-style streamer that prints each committed piece as soon as it exists (a
+    character whose bytes are split across tokens waits for its last token)."""
 
     def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
-        self.tokens: list[int] = []
-        self.printed = 0
+        self.text = IncrementalText(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), ())
+        self.out = out
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # the first put is the prompt
             self.prompt_seen = True
             return
-        self.tokens.extend(value.reshape(-1).tolist())
-        self._write(final=False)
+        self._write(self.text.feed(value.reshape(-1).tolist(), final=False)[0])
 
     def end(self) -> None:
-        self._write(final=True)
-        self.out.write("\n")
-        self.out.flush()
+        self._write(self.text.feed([], final=True)[0] + "\n")
 
-    def _write(self, final: bool) -> None:
-        """Print the decoded text not printed yet; a character whose bytes are split across tokens
-        (decoded as U+FFFD so far) waits for its last token."""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        upto = len(text) if final else len(text.rstrip("\ufffd"))
-        self.out.write(text[self.printed:upto])
+    def _write(self, piece: str) -> None:
+        self.out.write(piece)
         self.out.flush()
-        self.printed = max(self.printed, upto)
 
 
 def render_step(tokenizer, step, mask_token_id: int) -> str:

@@ -96,6 +96,13 @@ def to_transformers_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 FLOAT32_KEYS = re.compile(r"(\.gate\.weight|\.e_score_correction_bias|\.A_log)$")
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def kept_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor named `name` gets when a model goes to `dtype`: float32 for the router
+    and A_log, which loading, casting and saving all keep in float32."""
+    return torch.float32 if FLOAT32_KEYS.search(name) else dtype
 
 
 def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -103,7 +110,7 @@ def to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     saving keep them."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point():
-            t.data = t.data.to(torch.float32 if FLOAT32_KEYS.search(name) else dtype)
+            t.data = t.data.to(kept_dtype(name, dtype))
     return model
 
 
@@ -139,10 +146,10 @@ def _load_file(model, path, tensors, expected, dtype, device, rename) -> list[st
                     f"{path.name}: key {name!r} has shape {tuple(t.shape)}, the model expects "
                     f"{tuple(expected[name].shape)}"
                 )
-            items.append((name, t, torch.float32 if FLOAT32_KEYS.search(name) else (dtype or t.dtype)))
+            items.append((name, t, kept_dtype(name, dtype or t.dtype)))
     # One view left in the model keeps the whole file mapped: either no tensor of the file needs
     # converting and all stay views (no copy), or all are copied and the file is unmapped after.
-    copy = torch.device(device).type != "cpu" or any(t.dtype != want for _, t, want in items)
+    copy = any(t.dtype != want for _, t, want in items)  # (a move to another device copies anyway)
     for name, t, want in items:
         _assign(model, name, t.to(device=device, dtype=want, copy=copy))
     return [name for name, _, _ in items]
@@ -159,7 +166,7 @@ def _assign(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | Path,
-                    max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None) -> list[str]:
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict | None = None) -> list[str]:
     """Write safetensors shards (one file if small enough) and, when sharded, the index.
 
     Files are written under temporary names and renamed, so an interrupted save never leaves a

@@ -116,15 +116,19 @@ class TwoTowerLM(TemplateLM):
         the right, which a causal model never sees from the real positions."""
         results = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+        for first in range(0, len(order), self.batch_size):
+            chunk = order[first:first + self.batch_size]
             rows = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):] for i in chunk]
             width = max(len(r) for r in rows)
             ids = torch.tensor([r + [self.tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-            logprobs, greedy = token_scores(self.model, ids.to(self.model.context_device))
-            for j, i in enumerate(chunk):
-                end, n = len(rows[j]) - 1, len(pairs[i][1])
-                results[i] = (float(logprobs[j, end - n:end].sum()), bool(greedy[j, end - n:end].all()))
+            spans = [(len(rows[j]) - 1 - len(pairs[i][1]), len(rows[j]) - 1) for j, i in enumerate(chunk)]
+            scored = torch.zeros(len(chunk), width - 1, dtype=torch.bool)  # the continuations' targets
+            for j, (start, end) in enumerate(spans):
+                scored[j, start:end] = True
+            device = self.model.context_device
+            logprobs, greedy = token_scores(self.model, ids.to(device), positions=scored.to(device))
+            for j, (i, (start, end)) in enumerate(zip(chunk, spans)):
+                results[i] = (float(logprobs[j, start:end].sum()), bool(greedy[j, start:end].all()))
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

@@ -19,7 +19,7 @@ from .attention import CAUSAL, Attention
 from .cache import HybridCache
 from .config import NemotronHConfig
 from .generation import generate_ar
-from .hub import load_into, save_state_dict
+from .hub import DEFAULT_SHARD_BYTES, load_into, save_state_dict
 from .linear import Linear
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
@@ -186,7 +186,7 @@ class NemotronHPreTrainedModel(PreTrainedModel):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         return model.eval()
 
-    def save_pretrained(self, folder, max_shard_bytes: int = 5 * 2**30, **_):
+    def save_pretrained(self, folder, max_shard_bytes: int = DEFAULT_SHARD_BYTES, **_):
         """Write config.json and the weights in the hub layout (sharded above `max_shard_bytes`)."""
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .evaluate import generate, left_pad
+from .tokenizer import IncrementalText
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # a base model would otherwise go on to write the user's next turn
@@ -203,49 +204,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-# ---------------------------------------------------------------------------------- text
-
-
-class _Text:
-    """Incremental detokenization with stop strings. `feed` returns only text that can no longer
-    change (no trailing partial UTF-8 character, no possible start of a stop string), so the
-    streamed pieces always add up to the final text.
-
-    Each call decodes a window of a few tokens, not the whole answer: the tokens since the last
-    complete character, after the ones before it as context (a decoder may treat a sequence's
-    first token specially; both decodes start at the same token, so that cancels out). Streaming
-    costs the same per token at any answer length.
-    """
-
-    def __init__(self, decode, stop: tuple[str, ...]):
-        self.decode, self.stop = decode, stop
-        self.ids: list[int] = []
-        self.context = self.decoded = 0  # ids[:decoded] are in `full`; ids[context:decoded] give the context
-        self.full, self.text = "", ""  # all complete text so far; what has been returned of it
-
-    def feed(self, ids: list[int], final: bool) -> tuple[str, bool]:
-        """Take new token ids; returns (new text, whether a stop string was reached)."""
-        self.ids += ids
-        known = self.decode(self.ids[self.context:self.decoded])
-        now = self.decode(self.ids[self.context:])
-        if final or (len(now) > len(known) and not now.endswith("\ufffd")):
-            self.full += now[len(known):]
-            self.context, self.decoded = self.decoded, len(self.ids)
-        text = self.full
-        # no stop string can begin in returned text: its start would have been held back below
-        hits = [i for i in (text.find(s, len(self.text)) for s in self.stop) if i >= 0]
-        if hits:
-            text = text[:min(hits)]
-        elif not final:
-            text = text[:len(text) - self._partial_stop(text)]
-        delta, self.text = text[len(self.text):], text
-        return delta, bool(hits)
-
-    def _partial_stop(self, text: str) -> int:
-        """Length of the longest end of `text` that begins some stop string."""
-        return max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
 # ---------------------------------------------------------------------------------- jobs
 
 
@@ -253,7 +211,7 @@ class Job:
     """One request on its way through the worker. The worker thread calls `take`/`fail`; the
     event loop reads `events` and may `cancel`."""
 
-    def __init__(self, prompt_ids: list[int], sampling: Sampling, text: _Text, eos_id: int | None,
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, text: IncrementalText, eos_id: int | None,
                  loop: asyncio.AbstractEventLoop):
         self.prompt_ids, self.sampling, self.text, self.eos_id, self.loop = prompt_ids, sampling, text, eos_id, loop
         self.events: asyncio.Queue = asyncio.Queue()
@@ -568,7 +526,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         when the client left while waiting)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.request_timeout
-        job = Job(ids, sampling, _Text(decode, sampling.stop), eos_id, loop)
+        job = Job(ids, sampling, IncrementalText(decode, sampling.stop), eos_id, loop)
         engine.submit(job)
         events = job.events_until(request, deadline)
         try:

@@ -81,3 +81,44 @@ def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerFast:
             "(train one with twotower.tokenizer.train_tokenizer)"
         )
     return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+class IncrementalText:
+    """The text of a growing token sequence, piece by piece, with stop strings (the server's
+    streams and `twotower generate`). `feed` returns only text that can no longer change (no
+    trailing partial UTF-8 character, no possible start of a stop string), so the streamed
+    pieces always add up to the final text. `decode(ids) -> str` is the tokenizer's.
+
+    Each call decodes a window of a few tokens, not the whole answer: the tokens since the last
+    complete character, after the ones before it as context (a decoder may treat a sequence's
+    first token specially; both decodes start at the same token, so that cancels out). Streaming
+    costs the same per token at any answer length.
+    """
+
+    def __init__(self, decode, stop: tuple[str, ...]):
+        self.decode, self.stop = decode, stop
+        self.ids: list[int] = []
+        self.context = self.decoded = 0  # ids[:decoded] are in `full`; ids[context:decoded] give the context
+        self.full, self.text = "", ""  # all complete text so far; what has been returned of it
+
+    def feed(self, ids: list[int], final: bool) -> tuple[str, bool]:
+        """Take new token ids; returns (new text, whether a stop string was reached)."""
+        self.ids += ids
+        known = self.decode(self.ids[self.context:self.decoded])
+        now = self.decode(self.ids[self.context:])
+        if final or (len(now) > len(known) and not now.endswith("\ufffd")):
+            self.full += now[len(known):]
+            self.context, self.decoded = self.decoded, len(self.ids)
+        text = self.full
+        # no stop string can begin in returned text: its start would have been held back below
+        hits = [i for i in (text.find(s, len(self.text)) for s in self.stop) if i >= 0]
+        if hits:
+            text = text[:min(hits)]
+        elif not final:
+            text = text[:len(text) - self._partial_stop(text)]
+        delta, self.text = text[len(self.text):], text
+        return delta, bool(hits)
+
+    def _partial_stop(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop string."""
+        return max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

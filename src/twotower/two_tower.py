@@ -110,7 +110,8 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
 
     def context_model(self) -> NemotronHForCausalLM:
         """The context tower and its head as a single-tower AR model (shares the weights)."""
-        two_tower_only = (*DIFFUSION_SETTINGS, "time_embedding_dim", "architectures")
+        # auto_map points at the two-tower modules of an exported folder
+        two_tower_only = (*DIFFUSION_SETTINGS, "time_embedding_dim", "architectures", "auto_map")
         config = NemotronHConfig(**{k: v for k, v in self.config.to_dict().items() if k not in two_tower_only})
         with torch.device("meta"):
             single = NemotronHForCausalLM(config)

@@ -17,7 +17,7 @@ from torch import nn
 
 from conftest import tiny_config  # this file's folder is on the path, run directly or imported by the tests
 from twotower import NemotronHForCausalLM, TwoTowerForCausalLM
-from twotower.trainer import Trainer, TrainConfig
+from twotower.trainer import Trainer, TrainConfig, exit_distributed
 
 VOCAB = 32
 PAD = 0
@@ -143,11 +143,10 @@ def main(argv=None) -> dict:
     data = CountingData(slow_from=args.slow_from)
     model, loss = (build_two_tower(), row_noise_diffusion_loss) if args.two_tower else \
         (build_model(args.freeze), next_token_loss)
-    metrics = Trainer(model, loss, data, cfg, eval_data=CountingData(seed=1)).train()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return metrics
+    return Trainer(model, loss, data, cfg, eval_data=CountingData(seed=1)).train()
 
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():
+        exit_distributed()

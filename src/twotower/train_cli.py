@@ -23,7 +23,7 @@ from .config import NemotronHConfig
 from .data import TokenBatches
 from .modeling import NemotronHForCausalLM
 from .objectives import ar_loss, diffusion_loss
-from .trainer import Trainer, TrainConfig
+from .trainer import Trainer, TrainConfig, exit_distributed
 from .two_tower import TwoTowerForCausalLM
 
 
@@ -93,4 +93,6 @@ def run(args) -> int:
         else:
             model.save_pretrained(Path(args.out) / "model")
     print(json.dumps(record))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_distributed(0)
     return 0

@@ -4,6 +4,7 @@ against a direct computation, batching, the commit rule, statistics and the rele
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -224,10 +225,20 @@ def test_statistics_count_what_they_claim(model, mode):
     hooks = [model.context_tower.register_forward_hook(lambda *a: calls.__setitem__("context", calls["context"] + 1)),
              model.denoiser_tower.embeddings.register_forward_hook(
                  lambda *a: calls.__setitem__("denoiser", calls["denoiser"] + 1))]
+    puts = []  # when the streamer was handed the prompt, then each piece of output
+
+    class Clock:
+        def put(self, value):
+            puts.append(time.perf_counter())
+
+        def end(self):
+            pass
+
     try:
         ids, mask = left_pad([[5, 9, 11], [7, 8]])
+        called = time.perf_counter()
         out = generate(model, mode, ids, attention_mask=mask, max_new_tokens=10, block_size=4, steps_per_block=4,
-                       return_dict_in_generate=True)
+                       return_dict_in_generate=True, streamer=Clock())
     finally:
         for h in hooks:
             h.remove()
@@ -237,6 +248,8 @@ def test_statistics_count_what_they_claim(model, mode):
     if mode == "diffusion":
         assert stats.tokens_per_denoiser_forward == 20 / calls["denoiser"]
     assert stats.wall_time > 0
+    # the first output's time, not the whole call's: noted before it reached the streamer
+    assert 0 < stats.first_block_latency <= puts[1] - called < stats.wall_time
 
 
 @pytest.mark.parametrize("mode", MODES)

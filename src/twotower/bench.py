@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -103,23 +102,6 @@ def load_prompts(model_dir: Path, prompts_file: str | Path | None = None) -> tup
 
 # ---------------------------------------------------------------- measuring
 
-class FirstCommitTimer:
-    """A streamer that notes the time from the prompt to the first committed piece of output."""
-
-    def __init__(self):
-        self.started = None
-        self.latency = None
-
-    def put(self, value) -> None:
-        if self.started is None:  # the first put is the prompt
-            self.started = time.perf_counter()
-        elif self.latency is None:
-            self.latency = time.perf_counter() - self.started
-
-    def end(self) -> None:
-        pass
-
-
 def _warm_up(model, tokenizer, prompt: str, settings: list[Setting]) -> None:
     """One short untimed generation per mode, so one-time start-up costs land on no setting."""
     for s in {s.mode: s for s in settings}.values():
@@ -148,13 +130,12 @@ def run_bench(model, tokenizer, stories: list[str], tasks: list[Task], settings:
             turn = i % len(settings)
             for s in settings[turn:] + settings[:turn]:
                 bar.set_postfix_str(s.label())
-                timer = FirstCommitTimer()
                 generated, t = run_generation(model, tokenizer, prompts, s.mode, new_tokens[kind],
-                                              batch_size=len(prompts), streamer=timer, **s.kwargs())
+                                              batch_size=len(prompts), **s.kwargs())
                 outputs[s][kind].extend(generated)
                 for key in totals[s]:
                     totals[s][key] += t[key]
-                latencies[s].append(timer.latency)
+                latencies[s].append(t["first_block_latency"])
                 bar.update()
     rows = [_measurements(model, tokenizer, s, stories, tasks, outputs[s], totals[s], latencies[s])
             for s in settings]
@@ -182,7 +163,7 @@ def _measurements(model, tokenizer, s: Setting, stories, tasks, out: dict, t: di
         "tokens_per_denoiser_forward": n / t["denoiser_forwards"] if t["denoiser_forwards"] else None,
         "denoiser_forwards_per_token": t["denoiser_forwards"] / n,
         "context_forwards_per_token": t["context_forwards"] / n,
-        "first_block_latency": statistics.mean(x for x in latencies if x is not None),
+        "first_block_latency": statistics.mean(latencies),
         "task_accuracy": task_accuracy(tokenizer, tasks, out["tasks"]) if tasks else None,
         "accuracy_by_kind": by_kind,
         "story_perplexity": _number(story_quality(model, tokenizer, stories, out["stories"])) if stories else None,

@@ -88,7 +88,8 @@ def left_pad(rows: list[list[int]], pad_id: int):
 @torch.no_grad()
 def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_tokens: int, batch_size: int = 1,
                    **kw) -> tuple[list[list[int]], dict]:
-    """Generate for every prompt in batches; returns (generated ids per prompt, summed statistics).
+    """Generate for every prompt in batches; returns (generated ids per prompt, summed statistics,
+    and `first_block_latency`, the first batch's).
 
     Only generated tokens count (prompt and padding never do)."""
     eos = tokenizer.eos_token_id
@@ -108,6 +109,7 @@ def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_toke
         totals["denoiser_forwards"] += s.denoiser_forwards
         totals["context_forwards"] += s.context_forwards
         totals["wall_time"] += elapsed
+        totals.setdefault("first_block_latency", s.first_block_latency)
     return outputs, totals
 
 

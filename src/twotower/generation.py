@@ -10,7 +10,10 @@ import torch
 
 @dataclass
 class GenerationStats:
-    """What a generate call cost. Counts exclude prompt and padding tokens."""
+    """What a generate call cost. Counts exclude prompt and padding tokens.
+
+    `first_block_latency`: seconds from the call to the first committed output, the first block in
+    mask diffusion and the first token (a block of one) in the token-by-token modes."""
 
     generated_tokens: int = 0
     denoiser_forwards: int = 0
@@ -93,9 +96,11 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k, top_p) -
 @torch.no_grad()
 def decode_ar(step, cache, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
               top_k: int | None = None, top_p: float | None = None, generator=None,
-              eos_token_id: int | None = None, pad_token_id: int = 0, streamer=None) -> torch.Tensor:
+              eos_token_id: int | None = None, pad_token_id: int = 0, streamer=None,
+              stats: GenerationStats | None = None, start: float = 0.0) -> torch.Tensor:
     """The AR loop: sample from `logits` [b, v], feed the token back through `step(ids [b', 1],
-    cache) -> logits [b', v]`, until `max_new_tokens` or every row has emitted EOS.
+    cache) -> logits [b', v]`, until `max_new_tokens` or every row has emitted EOS. The first
+    token's time since `start` goes to `stats.first_block_latency`.
 
     Finished rows leave the batch (the cache keeps only active rows), so they cost nothing.
     Returns the generated tokens [b, n] (n <= max_new_tokens), pad_token_id after a row's EOS.
@@ -107,6 +112,8 @@ def decode_ar(step, cache, logits: torch.Tensor, max_new_tokens: int, temperatur
     for n in range(1, max_new_tokens + 1):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         out[active, n - 1] = token
+        if n == 1 and stats is not None:
+            stats.first_block_latency = time.perf_counter() - start
         if streamer is not None:
             streamer.put(token.cpu())
         if n == max_new_tokens:
@@ -147,7 +154,7 @@ def generate_ar(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         return model(ids, cache, logits_to_keep=1)[:, -1]
 
     new = decode_ar(step, cache, logits, max_new_tokens, temperature, top_k, top_p, generator,
-                    eos_token_id, config.pad_token_id or 0, streamer)
+                    eos_token_id, config.pad_token_id or 0, streamer, stats, start)
     return finish_generation(input_ids, new, eos_token_id, config.pad_token_id or 0, stats, start, streamer,
                              return_dict_in_generate)
 

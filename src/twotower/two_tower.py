@@ -378,7 +378,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
             return next_logits(rows)
 
         new = decode_ar(step, rows, next_logits(rows), max_new_tokens, temperature, top_k, top_p, generator,
-                        eos_token_id, pad, streamer)
+                        eos_token_id, pad, streamer, stats, start)
         return finish_generation(input_ids, new, eos_token_id, pad, stats, start, streamer, return_dict)
 
 

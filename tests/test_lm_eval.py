@@ -93,9 +93,22 @@ def test_generate_until_cuts_at_the_first_stop_string_and_stops_early(lm):
     before = lm.counts["generate_until"]["tokens"]
     [cut] = lm.generate_until([request("generate_until", context, {"until": [later, first], "max_gen_toks": 256})])
     assert cut == free[:free.find(first)]
-    assert lm.counts["generate_until"]["tokens"] - before < 32  # one short round, not 256 tokens
+    assert lm.counts["generate_until"]["tokens"] - before < 32  # the call ended at the stop, not at 256 tokens
     [single] = lm.generate_until([request("generate_until", context, {"until": later, "max_gen_toks": 256})])
     assert single == free[:free.find(later)]
+
+
+def test_generate_until_batch_gives_each_row_its_own_answer(lm):
+    """Rows of one batch meet the shared stop strings at different points (or never): each gets the
+    text it gets alone, cut at its own first stop."""
+    contexts = ["Once upon a time", "Tom saw a", "The sun was warm and the birds sang in the"]
+    alone = [lm.generate_until([request("generate_until", c, {"until": [], "max_gen_toks": 24})])[0]
+             for c in contexts]
+    until = [alone[0][3:6], alone[1][9:12]]
+    want = [min((text[:text.find(s)] for s in until if s in text), key=len, default=text) for text in alone]
+    assert want[0] != alone[0] and want[1] != alone[1]
+    got = lm.generate_until([request("generate_until", c, {"until": until, "max_gen_toks": 24}) for c in contexts])
+    assert got == want
 
 
 def test_local_tasks_run_through_simple_evaluate(model_dir, lm, monkeypatch):

@@ -13,6 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 from conftest import randomize, tiny_config
 from twotower import NemotronHForCausalLM, TwoTowerConfig, TwoTowerForCausalLM, nemotron_3_nano_30b_config
 from twotower.evaluate import generate
+from twotower.generation import GenerationStats, RowStreamer, StopGeneration
 from twotower.modeling import causal_mask
 from twotower.norm import gated_group_rms_norm
 from twotower.ssd import ssd_sequential
@@ -250,6 +251,21 @@ def test_statistics_count_what_they_claim(model, mode):
     assert stats.wall_time > 0
     # the first output's time, not the whole call's: noted before it reached the streamer
     assert 0 < stats.first_block_latency <= puts[1] - called < stats.wall_time
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_streamer_can_end_the_call_and_the_counts_so_far_remain(model, mode):
+    ids = torch.tensor([[5, 9, 11]])
+    got, stats = [], GenerationStats()
+    streamer = RowStreamer(1, lambda row, tokens: got.extend(tokens), lambda row: len(got) >= 3, eos_token_id=None)
+    with pytest.raises(StopGeneration):
+        generate(model, mode, ids, max_new_tokens=40, block_size=4, streamer=streamer, stats=stats)
+    full = generate(model, mode, ids, max_new_tokens=40, block_size=4, return_dict_in_generate=True)
+    assert len(got) == (4 if mode == "diffusion" else 3)  # ended after the first block / the third token
+    assert got == full.sequences[0, 3:3 + len(got)].tolist()
+    so_far = (stats.context_forwards, stats.denoiser_forwards)
+    whole = (full.stats.context_forwards, full.stats.denoiser_forwards)
+    assert sum(so_far) > 0 and all(a <= b for a, b in zip(so_far, whole)) and sum(so_far) < sum(whole)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -36,6 +36,44 @@ class GenerateOutput:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+class StopGeneration(Exception):
+    """Raised by a streamer's `put` to end a generate call early (see `RowStreamer`)."""
+
+
+class RowStreamer:
+    """A streamer that hands each row of a batch its committed tokens, and ends the generate call
+    once no row wants more (each met a stop string, or its client went away).
+
+    `take(row, tokens)` gets a row's new tokens (a block, or one token in the token-by-token modes;
+    row: the index in the batch); `done(row)` says whether the row wants no more. After the prompt,
+    each `put` holds the rows still in the model's batch, which rows leave after their EOS (`take`
+    must count a row that got its EOS as done); a row done for another reason rides along. Once
+    every row is done, `put` raises StopGeneration for the caller to catch; the call's statistics
+    so far are in the `stats` it was given.
+    """
+
+    def __init__(self, rows: int, take, done, eos_token_id: int | None):
+        self.rows, self.take, self.done, self.eos_token_id = rows, take, done, eos_token_id
+        self.active = torch.arange(rows)
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:  # the first put is the prompt
+            self.seen_prompt = True
+            return
+        tokens = value.reshape(len(self.active), -1)
+        for row, row_tokens in zip(self.active.tolist(), tokens.tolist()):
+            if not self.done(row):
+                self.take(row, row_tokens)
+        if self.eos_token_id is not None:
+            self.active = self.active[~(tokens == self.eos_token_id).any(-1)]
+        if all(self.done(row) for row in range(self.rows)):
+            raise StopGeneration
+
+    def end(self) -> None:
+        pass
+
+
 def validate_prompt(input_ids: torch.Tensor, vocab_size: int, attention_mask: torch.Tensor | None = None,
                     forbidden_id: int | None = None) -> None:
     """Raise ValueError for prompts a model cannot take: empty, out-of-vocabulary, a forbidden id."""
@@ -132,17 +170,18 @@ def decode_ar(step, cache, logits: torch.Tensor, max_new_tokens: int, temperatur
 def generate_ar(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None,
-                eos_token_id: int | None = None, streamer=None, return_dict_in_generate: bool = False):
+                eos_token_id: int | None = None, streamer=None, return_dict_in_generate: bool = False,
+                stats: GenerationStats | None = None):
     """Cached autoregressive generation with a single-tower model.
 
     Batches of prompts of different lengths are left-padded with `attention_mask` (0 = pad);
     every row gets the tokens it would get alone. Returns [b, prompt + generated] or a
-    `GenerateOutput` with statistics.
+    `GenerateOutput` with statistics (also kept in `stats` when given, as they grow).
     """
     config = model.config
     validate_prompt(input_ids, config.vocab_size, attention_mask)
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    stats, start = GenerationStats(), time.perf_counter()
+    stats, start = stats if stats is not None else GenerationStats(), time.perf_counter()
     if streamer is not None:
         streamer.put(input_ids.cpu())
     cache = model.new_cache()

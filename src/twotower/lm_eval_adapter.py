@@ -11,9 +11,8 @@ from Python, `import twotower.lm_eval_adapter` before `lm_eval.simple_evaluate(m
 * `loglikelihood`, `loglikelihood_rolling`: exact, through the AR context tower (one causal
   forward per batch of requests, no Monte-Carlo);
 * `generate_until`: the chosen mode (`diffusion`, `mock-ar` or `ar`). The text is cut at the
-  first stop string. Rows are generated in rounds of growing length (16 tokens, rounded up to
-  whole blocks, then twice as many each round) and a row that has met a stop string or EOS
-  leaves, so generation stops early at the cost of re-reading the prompt once a round.
+  first stop string. A batch is one generate call, which ends as soon as every row has met a stop
+  string or EOS (a row done early rides along until then; with EOS it leaves the batch).
 
 Model arguments: pretrained (default: the embedded model), mode, block_size,
 confidence_threshold, steps_per_block, max_length (context, default 2048), max_gen_toks
@@ -34,11 +33,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .default import load_model
 from .evaluate import generate, left_pad, token_scores
+from .generation import GenerationStats, RowStreamer, StopGeneration
+from .tokenizer import IncrementalText
 from .two_tower import GENERATION_MODES
 
 logger = logging.getLogger(__name__)
 
-FIRST_ROUND_TOKENS = 16
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 
 
@@ -66,7 +66,6 @@ class TwoTowerLM(TemplateLM):
                         steps_per_block=(int, steps_per_block))
         self.settings = ({k: kind(v) for k, (kind, v) in settings.items() if v is not None}
                          if self.mode == "diffusion" else {})
-        self.block_size = int(block_size or model.config.block_size) if self.mode == "diffusion" else 1
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
@@ -198,38 +197,36 @@ class TwoTowerLM(TemplateLM):
         return until, max_new, sampling
 
     def _generate(self, contexts: list[str], until: list[str], max_new: int, sampling: dict) -> list[str]:
-        """Generate for a batch of contexts in rounds; a row leaves once its text holds a stop string,
-        it emitted EOS, or it has `max_new` tokens."""
+        """One generate call for a batch of contexts. A row is done once its text holds a stop string
+        or it emitted EOS; the call ends when every row is done, or at `max_new` tokens."""
         start = time.perf_counter()
         eos, keep = self.eot_token_id, max(self.max_length - max_new, 1)
         prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-keep:] for c in contexts]
-        new = [[] for _ in contexts]
-        texts = [None] * len(contexts)
-        active, done = list(range(len(contexts))), 0
-        size = -(-FIRST_ROUND_TOKENS // self.block_size) * self.block_size
-        stats = dict(tokens=0, denoiser_forwards=0, context_forwards=0)
-        while active:
-            step = min(size, max_new - done)
-            ids, mask = left_pad([prompts[i] + new[i] for i in active], self.tokenizer.pad_token_id)
-            out = generate(self.model, self.mode, ids, attention_mask=mask,
-                           max_new_tokens=step, eos_token_id=eos, return_dict_in_generate=True,
-                           **self.settings, **sampling)
-            stats["tokens"] += out.stats.generated_tokens
-            stats["denoiser_forwards"] += out.stats.denoiser_forwards
-            stats["context_forwards"] += out.stats.context_forwards
-            done += step
-            still = []
-            for i, row in zip(active, out.sequences[:, ids.shape[1]:].tolist()):
-                new[i] += row[:row.index(eos)] if eos in row else row
-                text = self.tok_decode(new[i])
-                cut = min((text.find(s) for s in until if s and s in text), default=None)
-                if cut is not None or eos in row or done >= max_new:
-                    texts[i] = text if cut is None else text[:cut]
-                else:
-                    still.append(i)
-            active, size = still, size * 2
-        self._count("generate_until", requests=len(contexts), seconds=time.perf_counter() - start, **stats)
-        return texts
+        texts = [IncrementalText(self.tok_decode, tuple(s for s in until if s)) for _ in contexts]
+        done, tokens = [False] * len(contexts), [0] * len(contexts)
+
+        def take(row: int, new: list[int]) -> None:
+            hit_eos = eos in new
+            new = new[:new.index(eos) + 1] if hit_eos else new
+            tokens[row] += len(new)
+            _, stopped = texts[row].feed(new[:-1] if hit_eos else new, final=hit_eos)
+            done[row] = stopped or hit_eos
+
+        stats = GenerationStats()
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        try:
+            generate(self.model, self.mode, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos,
+                     streamer=RowStreamer(len(contexts), take, done.__getitem__, eos), stats=stats,
+                     **self.settings, **sampling)
+        except StopGeneration:
+            pass
+        for row, text in enumerate(texts):
+            if not done[row]:  # ran to max_new: let go of any text held back as a possible stop string
+                text.feed([], final=True)
+        self._count("generate_until", requests=len(contexts), seconds=time.perf_counter() - start,
+                    tokens=sum(tokens), denoiser_forwards=stats.denoiser_forwards,
+                    context_forwards=stats.context_forwards)
+        return [text.text for text in texts]
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .evaluate import generate, left_pad
+from .generation import RowStreamer, StopGeneration
 from .tokenizer import IncrementalText
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -285,41 +286,6 @@ class Job:
                 return
 
 
-class _Abort(Exception):
-    """Raised from the streamer to end a generate call once no row of it is wanted any more."""
-
-
-class _BatchStreamer:
-    """The transformers streamer protocol for a batch: routes each committed block (or token) to
-    its row's job. Rows leave on EOS as they leave the model's batch."""
-
-    def __init__(self, jobs: list[Job], eos_id: int | None):
-        self.jobs, self.eos_id = jobs, eos_id
-        self.active = torch.arange(len(jobs))
-        self.seen_prompt = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.seen_prompt:  # the first put is the prompt
-            self.seen_prompt = True
-            return
-        tokens = value.reshape(len(self.active), -1)
-        for row, row_tokens in zip(self.active.tolist(), tokens.tolist()):
-            self.jobs[row].take(row_tokens)
-        if self.eos_id is not None:
-            self.active = self.active[~(tokens == self.eos_id).any(-1)]
-        if all(job.done for job in self.jobs):
-            raise _Abort
-
-    def end(self) -> None:
-        pass
-
-    def count_step(self, step) -> None:
-        """step_callback of diffusion: one denoiser forward for every row in the step."""
-        for row in step.rows.tolist():
-            if not self.jobs[row].done:
-                self.jobs[row].denoiser_forwards += 1
-
-
 class Engine:
     """The queue and the worker thread that owns the model."""
 
@@ -404,7 +370,14 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        streamer = _BatchStreamer(jobs, self.eos_id)
+        streamer = RowStreamer(len(jobs), lambda row, tokens: jobs[row].take(tokens), lambda row: jobs[row].done,
+                               self.eos_id)
+
+        def count_step(step):  # diffusion's step_callback: one denoiser forward for each row in the step
+            for row in step.rows.tolist():
+                if not jobs[row].done:
+                    jobs[row].denoiser_forwards += 1
+
         self.running = jobs
         try:
             ids, mask = left_pad([job.prompt_ids for job in jobs], self.pad_id)
@@ -413,8 +386,8 @@ class Engine:
                           top_k=s.top_k, top_p=s.top_p, eos_token_id=self.eos_id, attention_mask=mask,
                           streamer=streamer, generator=torch.Generator().manual_seed(s.seed) if seeded else None)
             generate(self.model, s.mode, ids, block_size=s.block_size, steps_per_block=s.steps_per_block,
-                     confidence_threshold=s.confidence_threshold, step_callback=streamer.count_step, **kwargs)
-        except _Abort:
+                     confidence_threshold=s.confidence_threshold, step_callback=count_step, **kwargs)
+        except StopGeneration:
             pass
         except Exception as e:  # a failed batch answers its requests; the worker goes on
             for job in jobs:

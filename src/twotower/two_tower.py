@@ -218,14 +218,14 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         stats.context_forwards += 1
         return rows.context, h
 
-    def _begin(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, streamer,
+    def _begin(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, streamer, stats,
                forbidden_id=None):
         validate_prompt(input_ids, self.config.vocab_size, attention_mask, forbidden_id)
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         return _Rows(input_ids.cpu(), None if attention_mask is None else attention_mask.cpu().bool()), \
-            GenerationStats(), time.perf_counter()
+            stats if stats is not None else GenerationStats(), time.perf_counter()
 
     @torch.no_grad()
     def generate_mask_diffusion(self, input_ids: torch.Tensor, max_new_tokens: int = 128,
@@ -235,7 +235,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
                                 attention_mask: torch.Tensor | None = None, top_k: int | None = None,
                                 top_p: float | None = None, generator: torch.Generator | None = None,
                                 streamer=None, step_callback=None, use_cache: bool = True,
-                                return_dict_in_generate: bool = False):
+                                return_dict_in_generate: bool = False, stats: GenerationStats | None = None):
         """Block-wise mask diffusion: each block starts all-mask and is denoised for up to
         `steps_per_block` steps, committing confident positions (see `twotower.sampler`); the
         committed block then advances the context tower.
@@ -243,11 +243,13 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         Prompts of different lengths are left-padded with `attention_mask`. A row stops after the
         block holding its EOS (later tokens become pad) and leaves the batch. `use_cache=False`
         recomputes the context tower from scratch for every block: the slow exact reference.
-        Returns [b, prompt + generated] or a `GenerateOutput` with statistics.
+        Returns [b, prompt + generated] or a `GenerateOutput` with statistics; a `stats` given is
+        filled as they grow (all three modes), so a streamer may end the call early
+        (`generation.RowStreamer`) and the counts so far remain.
         """
         L, T, mask_id, threshold = self._settings(block_size, steps_per_block, mask_token_id, confidence_threshold)
         rows, stats, start = self._begin(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                                         streamer, forbidden_id=mask_id)
+                                         streamer, stats, forbidden_id=mask_id)
         pad = self.config.pad_token_id or 0
         num_blocks = -(-max_new_tokens // L)
         out = torch.full((input_ids.shape[0], num_blocks * L), pad, dtype=torch.long)
@@ -284,12 +286,12 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
                          eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
                          top_k: int | None = None, top_p: float | None = None,
                          generator: torch.Generator | None = None, streamer=None, use_cache: bool = True,
-                         return_dict_in_generate: bool = False):
+                         return_dict_in_generate: bool = False, stats: GenerationStats | None = None):
         """One token at a time through the denoiser, with no time conditioning: its input is the
         last committed token, its context the state just before that token, and its head's output
         there predicts the next token (so the context cache stays one token behind)."""
         rows, stats, start = self._begin(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                                         streamer)
+                                         streamer, stats)
 
         def next_logits(rows):
             context, _ = self._context_for(rows, rows.seq.shape[1] - 1, use_cache, stats)
@@ -303,10 +305,11 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
     def generate_ar(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                     eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
                     top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                    streamer=None, use_cache: bool = True, return_dict_in_generate: bool = False):
+                    streamer=None, use_cache: bool = True, return_dict_in_generate: bool = False,
+                    stats: GenerationStats | None = None):
         """Plain AR decoding with the context tower and `context_lm_head` alone."""
         rows, stats, start = self._begin(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                                         streamer)
+                                         streamer, stats)
 
         def next_logits(rows):
             _, h = self._context_for(rows, rows.seq.shape[1], use_cache, stats)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 import twotower
 from conftest import CORPUS
 from twotower.default import DEFAULT_MODEL_DIR
+from twotower.hub import kept_dtype
 
 PROMPT = "Once upon a time"
 
@@ -22,7 +23,11 @@ def test_the_embedded_model_is_complete_and_small():
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
     assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size <= 25 * 10**6
     with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), "pt") as f:
-        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+        dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    kept = {key for key in dtypes if kept_dtype(key, torch.bfloat16) == torch.float32}
+    assert len(kept) == 18  # per tower: 3 routers (weight, score bias) and the A_log of 3 Mamba layers
+    assert {dtypes[key] for key in kept} == {"F32"}
+    assert {dtypes[key] for key in dtypes.keys() - kept} == {"BF16"}
     card = (DEFAULT_MODEL_DIR / "README.md").read_text()
     assert "TinyStories" in card and "perplexity" in card
 

@@ -43,7 +43,7 @@ class Recipe:
     batch_size: int = 16
     ar_steps: int = 1600
     ar_lr: float = 2e-3
-    diffusion_stages: tuple = ((32, 300), (16, 600))  # (block size, steps)
+    diffusion_stages: tuple = ((32, 300), (16, 2000))  # (block size, steps)
     diffusion_lr: float = 1e-3
     train_tasks: int = 20000
     heldout_tasks: int = 100
@@ -65,7 +65,7 @@ TINY_MODEL = dict(
 )
 
 RECIPES = {
-    # ~11M parameters in all (two towers), about 90 minutes on 2 CPU cores
+    # ~11M parameters in all (two towers), about two hours on 2 CPU cores
     "tiny": Recipe(model=TINY_MODEL),
     # a seconds-long run of every stage, for tests
     "smoke": Recipe(

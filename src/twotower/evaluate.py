@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .generation import through_eos
 from .tasks import score_exact
 from .two_tower import DIFFUSION_SETTINGS, GENERATION_MODES
 
@@ -101,9 +102,7 @@ def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_toke
         out = generate(model, mode, ids, attention_mask=mask,
                        max_new_tokens=max_new_tokens, eos_token_id=eos, return_dict_in_generate=True, **kw)
         elapsed = time.perf_counter() - start
-        for row in out.sequences[:, ids.shape[1]:].tolist():
-            cut = row.index(eos) + 1 if eos in row else len(row)
-            outputs.append(row[:cut])  # after EOS comes padding; before it, every token is generated
+        outputs += [through_eos(row, eos)[0] for row in out.sequences[:, ids.shape[1]:].tolist()]
         s = out.stats
         totals["generated_tokens"] += s.generated_tokens
         totals["denoiser_forwards"] += s.denoiser_forwards

@@ -205,6 +205,14 @@ def until_eos(new: torch.Tensor, eos_token_id: int | None, pad_token_id: int) ->
     return new.masked_fill(after_eos(new, eos_token_id), pad_token_id)
 
 
+def through_eos(tokens: list[int], eos_token_id: int | None) -> tuple[list[int], bool]:
+    """A row's tokens up to and including its first EOS (what follows is padding), and whether it
+    holds one."""
+    if eos_token_id is None or eos_token_id not in tokens:
+        return tokens, False
+    return tokens[:tokens.index(eos_token_id) + 1], True
+
+
 def after_eos(new: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """True at the positions after a row's first EOS. new [b, n] -> bool [b, n]."""
     is_eos = (new == eos_token_id).long()

@@ -33,7 +33,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .default import load_model
 from .evaluate import generate, left_pad, token_scores
-from .generation import GenerationStats, RowStreamer, StopGeneration
+from .generation import GenerationStats, RowStreamer, StopGeneration, through_eos
 from .tokenizer import IncrementalText
 from .two_tower import GENERATION_MODES
 
@@ -206,8 +206,7 @@ class TwoTowerLM(TemplateLM):
         done, tokens = [False] * len(contexts), [0] * len(contexts)
 
         def take(row: int, new: list[int]) -> None:
-            hit_eos = eos in new
-            new = new[:new.index(eos) + 1] if hit_eos else new
+            new, hit_eos = through_eos(new, eos)
             tokens[row] += len(new)
             _, stopped = texts[row].feed(new[:-1] if hit_eos else new, final=hit_eos)
             done[row] = stopped or hit_eos

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .evaluate import generate, left_pad
-from .generation import RowStreamer, StopGeneration
+from .generation import RowStreamer, StopGeneration, through_eos
 from .tokenizer import IncrementalText
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -235,10 +235,7 @@ class Job:
         """New tokens for this row: pass on their text, finish at EOS, a stop string or max_tokens."""
         if self.done:
             return
-        tokens = tokens[:self.sampling.max_tokens - self.completion_tokens]
-        hit_eos = self.eos_id in tokens
-        if hit_eos:
-            tokens = tokens[:tokens.index(self.eos_id) + 1]
+        tokens, hit_eos = through_eos(tokens[:self.sampling.max_tokens - self.completion_tokens], self.eos_id)
         self.completion_tokens += len(tokens)
         if self.sampling.mode == "mock-ar":
             self.denoiser_forwards += len(tokens)

@@ -10,10 +10,16 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Libraries' caches (Hugging Face, matplotlib) start empty in the temp dir, as in a fresh machine
+# and before those libraries are imported: nothing a test uses may come from this machine's caches.
+_CACHES = Path(tempfile.mkdtemp(prefix="twotower-test-caches-"))
+for _name in ("HF_HOME", "MPLCONFIGDIR", "XDG_CACHE_HOME"):
+    os.environ[_name] = str(_CACHES / _name.lower())
 
-from twotower.config import NemotronHConfig
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from twotower.config import NemotronHConfig  # noqa: E402
 
 
 def tiny_config(pattern: str = "M*EM-E*M", **overrides) -> NemotronHConfig:
@@ -90,6 +96,7 @@ def _allowed_roots() -> tuple[str, ...]:
     roots |= {Path(p) for p in sysconfig.get_paths().values()}
     roots |= {Path(p) for p in sys.path if p and Path(p).is_dir() and not Path(REPO).is_relative_to(p)}
     roots |= {Path("/dev"), Path("/proc"), Path("/sys"), Path("/etc"), Path("/usr")}
+    roots |= {Path.home() / ".fonts", Path.home() / ".local" / "share" / "fonts"}  # matplotlib's font search
     return tuple(sorted({str(r.resolve()) for r in roots} | {str(r) for r in roots}))
 
 

@@ -11,11 +11,18 @@ from pathlib import Path
 import conftest
 from conftest import REPO, outside_the_allowed_roots
 
+# a folder that is neither the repository, the temp dir nor the Python installation, wherever the
+# clone lives (a clone inside the temp dir has its siblings in the temp dir)
+OUTSIDE = Path("/twotower-guard-probe-not-there")
+
 
 def test_paths_outside_the_repository_are_flagged(tmp_path):
-    assert outside_the_allowed_roots(REPO.parent / "shared" / "corpus" / "a.txt")
+    assert outside_the_allowed_roots(OUTSIDE / "corpus" / "a.txt")
     assert outside_the_allowed_roots("/work/shared/corpus/tinystories_val_head.txt")
-    assert outside_the_allowed_roots(Path.home() / "data.txt") or Path.home().is_relative_to(REPO)
+    if not outside_the_allowed_roots(REPO.parent / "x"):  # the clone's parent is an allowed root
+        assert not outside_the_allowed_roots(tmp_path)
+    else:
+        assert outside_the_allowed_roots(REPO.parent / "shared" / "corpus" / "a.txt")
     assert not outside_the_allowed_roots(REPO / "tests" / "data" / "stories.txt")
     assert not outside_the_allowed_roots(tmp_path / "x.txt")
     assert not outside_the_allowed_roots(os.__file__)
@@ -24,7 +31,7 @@ def test_paths_outside_the_repository_are_flagged(tmp_path):
 def test_the_guard_records_an_open_outside(tmp_path):
     """An attempted read of a sibling folder is recorded even when the file does not exist (the
     autouse fixture would then fail the test; here the record is checked and cleared)."""
-    missing = REPO.parent / "shared-folder-that-is-not-there" / "corpus.txt"
+    missing = OUTSIDE / "corpus.txt"
     try:
         open(missing).close()
     except OSError:
@@ -37,7 +44,7 @@ def test_a_test_that_reads_outside_fails(tmp_path):
     """Run pytest on a test that reads a path beside the repository: it must fail with the guard's
     message."""
     test = REPO / "tests" / f"test_guard_probe_{os.getpid()}.py"
-    test.write_text("def test_probe():\n    try:\n        open('../shared/corpus/x.txt')\n"
+    test.write_text(f"def test_probe():\n    try:\n        open('{OUTSIDE}/corpus/x.txt')\n"
                     "    except OSError:\n        pass\n")
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],

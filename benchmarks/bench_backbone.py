@@ -55,8 +55,6 @@ def load_pair(folder, dtype):
 @torch.no_grad()
 def forward(model, ids):
     """One forward over the whole prompt with every position's logits, filling a cache."""
-    if isinstance(model, NemotronHForCausalLM):
-        return model(ids, model.new_cache())
     return model(ids, use_cache=True).logits
 
 

@@ -46,7 +46,7 @@ def test_full_forward_matches_transformers(pattern, n_group):
     hf = to_transformers(model)
     ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours, theirs = model(ids), hf(ids).logits
+        ours, theirs = model(ids).logits, hf(ids).logits
     assert (ours - theirs).abs().max() <= 1e-4
 
 
@@ -57,11 +57,11 @@ def test_cached_decoding_matches_transformers(pattern):
     ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         cache = model.new_cache()
-        ours = [model(ids[:, :9], cache)[:, -1]]
+        ours = [model(ids[:, :9], past_key_values=cache).logits[:, -1]]
         out = hf(ids[:, :9], use_cache=True)
         theirs, hf_cache = [out.logits[:, -1]], out.cache
         for t in range(9, 17):
-            ours.append(model(ids[:, t:t + 1], cache)[:, -1])
+            ours.append(model(ids[:, t:t + 1], past_key_values=cache).logits[:, -1])
             out = hf(ids[:, t:t + 1], cache=hf_cache, use_cache=True)
             theirs.append(out.logits[:, -1])
             hf_cache = out.cache
@@ -72,11 +72,11 @@ def test_float64_router_matches_float32_router_closely_but_is_used():
     model = build(seed=4)
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = model(ids)
+        a = model(ids).logits
         for layer in model.backbone.layers:
             if layer.kind == "E":
                 layer.mixer.gate.dtype = torch.float64
-        b = model(ids)
+        b = model(ids).logits
     assert (a - b).abs().max() <= 1e-4
     assert model.backbone.layers[2].mixer.gate(torch.randn(3, 32))[1].dtype == torch.float64
 
@@ -88,8 +88,8 @@ def test_dt_limit_is_the_configs():
     hf = to_transformers(model)
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        free = model(ids)
-        clamped = build("M*M", seed=11, time_step_min=0.05, time_step_limit=(0.05, float("inf")))(ids)
+        free = model(ids).logits
+        clamped = build("M*M", seed=11, time_step_min=0.05, time_step_limit=(0.05, float("inf")))(ids).logits
         theirs = hf(ids).logits
     assert (clamped - theirs).abs().max() <= 1e-4
     assert (free - theirs).abs().max() > 1e-3
@@ -102,11 +102,11 @@ def test_prefill_then_extension_equals_full_forward(chunk):
     model = build(seed=5)
     ids = torch.randint(0, 97, (2, 47), generator=torch.Generator().manual_seed(chunk))
     with torch.no_grad():
-        full = model(ids)
+        full = model(ids).logits
         cache = model.new_cache()
-        pieces = [model(ids[:, :7], cache)]  # 7: not a multiple of the SSD chunk (8)
+        pieces = [model(ids[:, :7], past_key_values=cache).logits]  # 7: not a multiple of the SSD chunk (8)
         for i in range(7, 47, chunk):
-            pieces.append(model(ids[:, i:i + chunk], cache))
+            pieces.append(model(ids[:, i:i + chunk], past_key_values=cache).logits)
     assert cache.length == 47
     assert (torch.cat(pieces, 1) - full).abs().max() <= 1e-5
 
@@ -119,11 +119,12 @@ def test_bfloat16_cached_decoding_tracks_the_full_forward_and_float32():
     ids = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(0))
     half = build(pattern, seed=2).to(torch.bfloat16)
     with torch.no_grad():
-        reference = build(pattern, seed=2)(ids)
-        full = half(ids).float()  # 90 positions in one pass
+        reference = build(pattern, seed=2)(ids).logits
+        full = half(ids).logits  # 90 positions in one pass
         cache = half.new_cache()
-        pieces = [half(ids[:, :70], cache), half(ids[:, 70:86], cache)]  # a long prefill, then a short chunk
-        pieces += [half(ids[:, i:i + 1], cache) for i in range(86, 90)]  # then decoding steps
+        run = lambda part: half(part, past_key_values=cache).logits  # noqa: E731
+        pieces = [run(ids[:, :70]), run(ids[:, 70:86])]  # a long prefill, then a short chunk
+        pieces += [run(ids[:, i:i + 1]) for i in range(86, 90)]  # then decoding steps
         stepped = torch.cat(pieces, 1).float()
     scale = reference.abs().max()
     assert (stepped - full).abs().max() <= 0.1 * scale  # measured 0.002 (0.045 with a bfloat16 conv kernel)
@@ -135,10 +136,10 @@ def test_chunked_prefill_equals_one_pass():
     ids = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         one = model.new_cache()
-        a = model(ids, one)
+        a = model(ids, past_key_values=one).logits
         model.config.prefill_chunk_size = 9
         many = model.new_cache()
-        b = model(ids, many)
+        b = model(ids, past_key_values=many).logits
     assert (a - b).abs().max() <= 1e-5
     for s1, s2 in zip(one.states, many.states):
         if s1 is not None:
@@ -151,19 +152,19 @@ def test_cache_clone_select_and_to():
     ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = model.new_cache()
-        model(ids, cache)
+        model(ids, past_key_values=cache)
         snap = cache.clone()
         nxt = torch.tensor([[5], [6], [7]])
-        after = model(nxt, cache)
-        again = model(nxt, snap.to("cpu"))  # the snapshot was not touched by the first extension
-        rows = model(nxt[[0, 2]], model_cache_select(model, ids, [0, 2]))
+        after = model(nxt, past_key_values=cache).logits
+        again = model(nxt, past_key_values=snap.to("cpu")).logits  # the snapshot was not touched by the first extension
+        rows = model(nxt[[0, 2]], past_key_values=model_cache_select(model, ids, [0, 2])).logits
     assert torch.equal(after, again)
     assert (rows - after[[0, 2]]).abs().max() <= 1e-5
 
 
 def model_cache_select(model, ids, rows):
     cache = model.new_cache()
-    model(ids, cache)
+    model(ids, past_key_values=cache)
     return cache.select(torch.tensor(rows))
 
 
@@ -180,7 +181,7 @@ def test_long_prompt_prefill_memory_is_bounded():
         ids = torch.randint(4, 97, (1, 16384))
         with torch.no_grad():
             cache = model.new_cache()
-            logits = model(ids, cache, logits_to_keep=1)
+            logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
         assert cache.length == 16384 and torch.isfinite(logits).all()
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
     """)
@@ -477,7 +478,7 @@ def test_cache_memory_formulas_match_a_real_cache():
     model = build(seed=2)
     cache = model.new_cache()
     with torch.no_grad():
-        model(torch.randint(4, 97, (1, 40)), cache)
+        model(torch.randint(4, 97, (1, 40)), past_key_values=cache)
     kv_float32 = kv_cache_bytes_per_token(model.config, bytes_per_value=4)
     assert cache.nbytes() == 40 * kv_float32 + mamba_state_bytes(model.config)
     nano = nemotron_3_nano_30b_config()

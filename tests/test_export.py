@@ -32,7 +32,7 @@ def results(model, tokenizer):
     """Weights, logits of both towers, and generated tokens of every entry point."""
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     out = {f"weight.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    out["ar_logits"] = model.context_model()(ids)
+    out["ar_logits"] = model.context_model()(ids).logits
     x = torch.tensor([[3, 40, 3, 3]])
     out["denoiser_logits"] = model.denoise_block(x, torch.tensor([0.75]), model.encode_context(ids))
     out["diffusion"] = model.generate_mask_diffusion(ids, max_new_tokens=8, block_size=4)
@@ -56,7 +56,9 @@ def results(model, tokenizer):
 
 REMOTE = '''
 import json, os, shutil, sys
-sys.path[:] = [p for p in sys.path if os.path.realpath(p) != {src!r}]
+# no source tree of twotower (this one, or another checkout an editable install points at)
+sys.path[:] = [p for p in sys.path if os.path.realpath(p) != {src!r}
+               and not (os.path.isfile(os.path.join(p, "twotower", "__init__.py")) and "-packages" not in p)]
 try:
     import twotower
 except ModuleNotFoundError:

@@ -88,6 +88,6 @@ def test_ar_loss_is_next_token_cross_entropy():
     single = randomize(NemotronHForCausalLM(tiny_config()).eval(), seed=2)
     ids = torch.randint(4, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     total, count = ar_loss(single, ids)
-    logits = single(ids)
+    logits = single(ids).logits
     expected = sum(-F.log_softmax(logits[b, i], -1)[ids[b, i + 1]] for b in range(2) for i in range(8))
     assert count == 16 and abs(total.item() - expected.item()) <= 1e-4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -185,12 +186,12 @@ def generate_ar(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     if streamer is not None:
         streamer.put(input_ids.cpu())
     cache = model.new_cache()
-    logits = model(input_ids, cache, attention_mask, logits_to_keep=1)[:, -1]
+    logits = model(input_ids, attention_mask, cache, logits_to_keep=1).logits[:, -1]
     stats.context_forwards += 1
 
     def step(ids, cache):
         stats.context_forwards += 1
-        return model(ids, cache, logits_to_keep=1)[:, -1]
+        return model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]
 
     new = decode_ar(step, cache, logits, max_new_tokens, temperature, top_k, top_p, generator,
                     eos_token_id, config.pad_token_id or 0, streamer, stats, start)
@@ -233,3 +234,55 @@ def finish_generation(input_ids, new, eos_token_id, pad_token_id, stats, start, 
         streamer.end()
     sequences = torch.cat([input_ids.cpu(), new], dim=1)
     return GenerateOutput(sequences, stats) if return_dict else sequences
+
+
+# generation-config fields `generate` cannot honour, with the value that means "off"
+UNSUPPORTED_SETTINGS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                        "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0, "bad_words_ids": None,
+                        "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+                        "stop_strings": None, "min_p": None, "typical_p": 1.0, "penalty_alpha": None,
+                        "guidance_scale": 1.0, "output_scores": False, "output_logits": False,
+                        "output_attentions": False, "output_hidden_states": False}
+
+
+def generation_arguments(model, input_ids, generation_config, streamer, kwargs: dict):
+    """transformers' `generate(input_ids, generation_config, streamer, **kwargs)` as the arguments
+    of this package's generate functions: (the resolved generation config, the common keyword
+    arguments). `generation_config` (default: `model.generation_config`) updated by `kwargs` gives
+    max_new_tokens (or max_length), do_sample with temperature / top_k / top_p (unset: no
+    filter), eos_token_id, use_cache and return_dict_in_generate; keyword arguments that are not
+    generation settings (attention_mask, generator, ...) pass through. Settings no mode can honour
+    (beams, penalties, ...) are errors."""
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    extra = config.update(**kwargs)
+    unsupported = sorted(k for k, neutral in UNSUPPORTED_SETTINGS.items()
+                         if getattr(config, k, None) not in (None, neutral))
+    if unsupported:
+        raise ValueError(f"generate() does not support {unsupported}")
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids (a prompt of at least one token)")
+    eos = config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        if len(eos) > 1:
+            raise ValueError(f"generate() takes one eos_token_id, got {list(eos)}")
+        eos = eos[0] if eos else None
+    max_new_tokens = config.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = (config.max_length or 20) - input_ids.shape[1]
+    sampling = dict(temperature=1.0 if config.temperature is None else config.temperature, top_k=config.top_k,
+                    top_p=config.top_p) if config.do_sample else {}
+    return config, dict(max_new_tokens=max_new_tokens, eos_token_id=eos, streamer=streamer,
+                        use_cache=config.use_cache is not False,
+                        return_dict_in_generate=bool(config.return_dict_in_generate), **sampling, **extra)
+
+
+def pad_as_configured(out, input_ids, config, eos: int | None, model_pad: int | None):
+    """Finished rows are padded with the model's pad id; a generation config's other
+    `pad_token_id` replaces it after each row's EOS."""
+    pad = config.pad_token_id
+    if pad is None or eos is None or pad == (model_pad or 0):
+        return out
+    sequences = out.sequences if isinstance(out, GenerateOutput) else out
+    n = input_ids.shape[1]
+    sequences = torch.cat([sequences[:, :n], until_eos(sequences[:, n:], eos, pad)], dim=1)
+    return GenerateOutput(sequences, out.stats) if isinstance(out, GenerateOutput) else sequences

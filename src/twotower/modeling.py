@@ -7,18 +7,22 @@ per-expert `experts.{e}`), so their state dicts load as they are.
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import GENERATION_CONFIG_NAME
 
 from .attention import CAUSAL, Attention
 from .cache import HybridCache
 from .config import NemotronHConfig
-from .generation import generate_ar
+from .generation import generate_ar, generation_arguments, pad_as_configured
+from .objectives import causal_lm_loss
 from .hub import DEFAULT_SHARD_BYTES, load_into, save_state_dict
 from .linear import Linear
 from .mamba2 import Mamba2Mixer
@@ -62,6 +66,15 @@ class Block(nn.Module):
             self.mixer = MoE(config)
         else:
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.gradient_checkpointing = False  # set by `PreTrainedModel.gradient_checkpointing_enable`
+
+    def __call__(self, *args, **kwargs):
+        """With gradient checkpointing on (training, gradients enabled), the block keeps no
+        activations and runs again in backward; every path (tower, denoiser, the vectorised
+        diffusion loss) calls its blocks through here."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(functools.partial(super().__call__, **kwargs), *args)
+        return super().__call__(*args, **kwargs)
 
     def forward(self, h, state=None, mask=None, pad_mask=None, modulation=None, block_states=None,
                 return_state=True):
@@ -96,49 +109,123 @@ class NemotronHModel(nn.Module):
     def new_cache(self) -> HybridCache:
         return HybridCache.empty(len(self.layers))
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal forward. `attention_mask` [b, l] marks the real tokens of `input_ids` (0 = left
-        padding). With a `cache`, the input continues the cached sequence and the cache is updated
-        in place; inputs longer than `config.prefill_chunk_size` are run chunk by chunk.
+    def forward(self, input_ids: torch.Tensor | None, cache: HybridCache | None = None,
+                attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                hidden_states: list | None = None) -> torch.Tensor:
+        """Causal forward of `input_ids` [b, l] or of their embeddings `inputs_embeds` [b, l, d].
+        `attention_mask` [b, l] marks the real tokens (0 = left padding). With a `cache`, the input
+        continues the cached sequence and the cache is updated in place; inputs longer than
+        `config.prefill_chunk_size` are run chunk by chunk. A list given as `hidden_states`
+        receives each layer's input and the normed output (transformers' `output_hidden_states`).
         """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embeddings(input_ids)
         chunk = self.config.prefill_chunk_size
-        if cache is None or input_ids.shape[1] <= chunk:
-            return self._forward(input_ids, cache, attention_mask)
+        if cache is None or inputs_embeds.shape[1] <= chunk:
+            return self._forward(inputs_embeds, cache, attention_mask, hidden_states)
+        if hidden_states is not None:
+            raise ValueError("output_hidden_states is not available for a cached prefill longer than "
+                             f"prefill_chunk_size ({chunk})")
         outs = [
-            self._forward(input_ids[:, i:i + chunk], cache,
-                          None if attention_mask is None else attention_mask[:, i:i + chunk])
-            for i in range(0, input_ids.shape[1], chunk)
+            self._forward(inputs_embeds[:, i:i + chunk], cache,
+                          None if attention_mask is None else attention_mask[:, i:i + chunk], None)
+            for i in range(0, inputs_embeds.shape[1], chunk)
         ]
         return torch.cat(outs, dim=1)
 
-    def _forward(self, input_ids, cache, attention_mask):
-        b, l = input_ids.shape
+    def _forward(self, h, cache, attention_mask, hidden_states):
+        b, l = h.shape[:2]
         if l == 0:
             raise ValueError("empty input: input_ids has no positions")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         past = cache.length if cache is not None else 0
         new_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         past_mask = cache.pad_mask if cache is not None else None
         key_mask = None  # [b, past + l], True at real tokens; None while nothing is padded
         if new_mask is not None or past_mask is not None:
-            ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=input_ids.device)  # noqa: E731
+            ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=h.device)  # noqa: E731
             key_mask = torch.cat([ones(past) if past_mask is None else past_mask,
                                   ones(l) if new_mask is None else new_mask], dim=1)
         # a fresh unpadded prefill needs no mask tensor: attention runs it as CAUSAL
-        mask = CAUSAL if key_mask is None and past == 0 else causal_mask(key_mask, past, l, input_ids.device)
+        mask = CAUSAL if key_mask is None and past == 0 else causal_mask(key_mask, past, l, h.device)
         pad_mask = None if key_mask is None else key_mask[:, past:]
-        h = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(h)
             h, state = layer(h, cache.states[i] if cache is not None else None, mask, pad_mask)
             if cache is not None:
                 cache.states[i] = state
         if cache is not None:
             cache.length += l
             cache.pad_mask = key_mask
-        return self.norm_f(h)
+        h = self.norm_f(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
+        return h
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if input_ids.shape[-1] == 0:
+        raise ValueError("empty input: input_ids has no positions")
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+
+@dataclass
+class LMInputs:
+    """The arguments of a transformers causal-LM forward that this model honours."""
+
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    past_key_values: HybridCache | None = None
+    inputs_embeds: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    use_cache: bool | None = None
+    output_hidden_states: bool | None = None
+    logits_to_keep: int = 0
+
+
+# forward arguments transformers' Trainer, PEFT and pipelines pass that need nothing here: positions
+# (the model has no positional encoding), and the attention output flag when it is off
+_IGNORED_FORWARD_ARGUMENTS = {"position_ids", "cache_position", "token_type_ids"}
+
+
+def causal_lm_forward(tower: NemotronHModel, head: nn.Module, inputs: LMInputs,
+                      num_items_in_batch=None, output_attentions: bool | None = None,
+                      **unused) -> CausalLMOutputWithPast:
+    """`tower` then `head` over `inputs`, as transformers' `*ForCausalLM.forward`. The loss divides
+    the summed cross-entropy by `num_items_in_batch` when the Trainer passes it (gradient
+    accumulation), else by the number of targets. Attention weights are never materialised
+    (scaled-dot-product attention), so `output_attentions=True` is refused, as are unknown
+    arguments."""
+    if output_attentions:
+        raise ValueError("output_attentions=True is not supported: attention runs as scaled-dot-product "
+                         "attention and never forms its weights")
+    unknown = sorted(set(unused) - _IGNORED_FORWARD_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"forward() got unsupported arguments {unknown}")
+    cache = inputs.past_key_values
+    if cache is None and inputs.use_cache:
+        cache = tower.new_cache()
+    if cache is not None and not isinstance(cache, HybridCache):
+        raise TypeError(f"past_key_values must be a twotower HybridCache (from model.new_cache() or an "
+                        f"earlier output), got {type(cache).__name__}")
+    hidden_states = [] if inputs.output_hidden_states else None
+    device = head.weight.device
+    ids = None if inputs.input_ids is None else inputs.input_ids.to(device)
+    mask = None if inputs.attention_mask is None else inputs.attention_mask.to(device)
+    h = tower(ids, cache, mask, inputs.inputs_embeds, hidden_states)
+    if inputs.logits_to_keep:
+        h = h[:, -inputs.logits_to_keep:]
+    logits = head(h).float()
+    loss = None
+    if inputs.labels is not None:
+        loss = causal_lm_loss(logits, inputs.labels.to(device), num_items_in_batch)
+    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
+                                  hidden_states=None if hidden_states is None else tuple(hidden_states))
 
 
 # What transformers' Auto classes and pipelines pass to `from_pretrained` besides the folder.
@@ -150,6 +237,7 @@ class NemotronHPreTrainedModel(PreTrainedModel):
     config_class = NemotronHConfig
     base_model_prefix = "backbone"
     _no_split_modules = ["Block"]
+    supports_gradient_checkpointing = True
 
     def fsdp_units(self) -> list[nn.Module]:
         """The modules FSDP2 shards as units: every block, and the embeddings, heads and norms
@@ -220,7 +308,7 @@ class NemotronHPreTrainedModel(PreTrainedModel):
             module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
 
-class NemotronHForCausalLM(NemotronHPreTrainedModel):
+class NemotronHForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
     """Single-tower NemotronH LM: `backbone` (the tower) and an untied `lm_head`."""
 
     def __init__(self, config: NemotronHConfig):
@@ -232,14 +320,46 @@ class NemotronHForCausalLM(NemotronHPreTrainedModel):
     def new_cache(self) -> HybridCache:
         return self.backbone.new_cache()
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
-        """Float32 logits [b, l, vocab] (only the last `logits_to_keep` positions if > 0)."""
-        h = self.backbone(input_ids, cache, attention_mask)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return self.lm_head(h).float()
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.backbone.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                past_key_values: HybridCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast | tuple:
+        """transformers' causal-LM forward: float32 `logits` [b, l, vocab] (the last
+        `logits_to_keep` positions if > 0), `loss` when `labels` are given (next-token
+        cross-entropy, labels shifted inside, -100 ignored), `past_key_values` (a `HybridCache`,
+        continued in place) when one is passed or `use_cache=True`, and `hidden_states` with
+        `output_hidden_states`. See `causal_lm_forward` for the arguments refused."""
+        out = causal_lm_forward(self.backbone, self.lm_head, LMInputs(
+            input_ids, attention_mask, past_key_values, inputs_embeds, labels, use_cache, output_hidden_states,
+            logits_to_keep), **kwargs)
+        return out if return_dict is not False else out.to_tuple()
 
     def generate_ar(self, input_ids, **kwargs):
         """Cached AR generation; see `twotower.generation.generate_ar`."""
         return generate_ar(self, input_ids, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor | None = None, generation_config=None, streamer=None, **kwargs):
+        """The transformers entry point (`model.generate`, `pipeline("text-generation")`), with the
+        two-tower model's contract in its AR mode: see `generation.generation_arguments` for the
+        settings honoured and refused; `attention_mask`, `generator` and `stats` pass through to
+        `generate_ar`."""
+        mode = kwargs.pop("mode", None)
+        if mode not in (None, "ar"):
+            raise ValueError(f"a single-tower model generates in mode 'ar' only, got {mode!r}")
+        config, common = generation_arguments(self, input_ids, generation_config, streamer, kwargs)
+        common.pop("use_cache")  # always cached: use_cache=False would give the same tokens, slower
+        out = self.generate_ar(input_ids, **common)
+        return pad_as_configured(out, input_ids, config, common["eos_token_id"], self.config.pad_token_id)

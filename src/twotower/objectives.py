@@ -14,17 +14,40 @@ every masked position (same position, not shifted), with no 1/t weight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from transformers.utils import ModelOutput
 
 from .attention import CAUSAL
 
 T_EPS = 1e-3
 
 
+IGNORE_INDEX = -100  # transformers' label for positions without a target
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """transformers' causal-LM loss: logits [b, l, vocab] at position i predict labels[:, i + 1];
+    labels equal to -100 are ignored; the summed cross-entropy is divided by `num_items_in_batch`
+    if given (the Trainer's count over accumulated batches), else by the number of targets."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids, as the logits "
+                         f"{tuple(logits.shape[:2])}")
+    targets = labels[:, 1:]
+    total = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (targets != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
 def ar_loss(model, ids: torch.Tensor):
     """Next-token cross-entropy of a single-tower model over ids [b, n]: (sum, count)."""
-    logits = model(ids[:, :-1])
+    logits = model(ids[:, :-1]).logits
     loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
     return loss, ids[:, 1:].numel()
 
@@ -92,24 +115,36 @@ def denoiser_all_blocks(model, noisy: torch.Tensor, t: torch.Tensor, context_sta
     return model.lm_head(model.denoiser_tower.norm_f(h)).float()
 
 
+@dataclass
+class MaskedDiffusionOutput(ModelOutput):
+    """The two-tower forward's training output: `loss`, the mean cross-entropy over the masked
+    positions, and its parts, so that accumulation and data parallelism can average exactly."""
+
+    loss: torch.Tensor | None = None
+    masked_loss_sum: torch.Tensor | None = None
+    num_masked: torch.Tensor | None = None
+
+
 def diffusion_loss(model, ids: torch.Tensor, block_size: int | None = None,
                    generator: torch.Generator | None = None, noise=None):
     """Masked-diffusion loss over clean ids [b, n]: (sum of CE at masked positions, #masked).
 
-    Runs through `model(...)` so that a DDP/FSDP wrapper sees it. `noise` = (noisy, masked, t)
-    fixes the corruption; otherwise it is drawn here."""
-    return model(ids, diffusion_block_size=block_size or 0, noise=noise, generator=generator)
+    Runs through `model(..., diffusion_block_size=...)` so that a DDP/FSDP wrapper sees it.
+    `noise` = (noisy, masked, t) fixes the corruption; otherwise it is drawn here."""
+    out = model(ids, diffusion_block_size=block_size or 0, noise=noise, generator=generator)
+    return out.masked_loss_sum, out.num_masked
 
 
-def masked_diffusion_loss(model, ids: torch.Tensor, block_size: int,
-                          generator: torch.Generator | None = None, noise=None):
+def masked_diffusion_output(model, ids: torch.Tensor, block_size: int,
+                            generator: torch.Generator | None = None, noise=None) -> MaskedDiffusionOutput:
     """The computation behind `diffusion_loss` (block_size 0: the model's)."""
     L = block_size or model.config.block_size
     noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator)
     states = context_block_states(model, ids, L)
     logits = denoiser_all_blocks(model, noisy, t, states, L, positions=masked)
-    loss = F.cross_entropy(logits, ids[masked], reduction="sum")
-    return loss, masked.sum()
+    total = F.cross_entropy(logits, ids[masked], reduction="sum")
+    count = masked.sum()
+    return MaskedDiffusionOutput(loss=total / count.clamp(min=1), masked_loss_sum=total, num_masked=count)
 
 
 def diffusion_loss_by_blocks(model, ids, noisy, masked, t, block_size: int):

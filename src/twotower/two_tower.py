@@ -12,7 +12,6 @@ the block forward. Logit j predicts the token at block position j.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .cache import HybridCache
 from .config import NemotronHConfig
-from .generation import (GenerateOutput, GenerationStats, check_sampling_args, decode_ar, finish_generation,
-                         until_eos, validate_prompt)
+from .generation import (GenerationStats, check_sampling_args, decode_ar, finish_generation, generation_arguments,
+                         pad_as_configured, until_eos, validate_prompt)
 from .hub import to_dtype
 from .linear import Linear
-from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
-from .objectives import masked_diffusion_loss
+from .modeling import LMInputs, NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel, causal_lm_forward
+from .objectives import masked_diffusion_output
 from .sampler import block_time, commit_confident
 from .time_conditioning import TimestepEmbedder
 
@@ -50,13 +49,6 @@ class TwoTowerConfig(NemotronHConfig):
 
 GENERATION_MODES = ("diffusion", "mock-ar", "ar")
 DIFFUSION_SETTINGS = ("block_size", "steps_per_block", "confidence_threshold", "mask_token_id")
-# generation-config fields `generate` cannot honour, with the value that means "off"
-UNSUPPORTED_SETTINGS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
-                        "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0, "bad_words_ids": None,
-                        "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
-                        "stop_strings": None, "min_p": None, "typical_p": 1.0, "penalty_alpha": None,
-                        "guidance_scale": 1.0, "output_scores": False, "output_logits": False,
-                        "output_attentions": False, "output_hidden_states": False}
 
 
 @dataclass
@@ -166,16 +158,56 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
             h = h[positions.to(device)]
         return self.lm_head(self.denoiser_tower.norm_f(h)).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                diffusion_block_size: int | None = None, noise=None, generator: torch.Generator | None = None):
-        """With `diffusion_block_size`: the masked-diffusion training loss of clean input_ids [b, n]
-        as (sum over masked positions, their number), see `twotower.objectives`; going through
-        forward lets DDP/FSDP wrappers see the training step. Otherwise: the context tower's causal
-        LM logits [b, n, vocab] (float32)."""
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The context tower's embeddings: what `forward` reads (`inputs_embeds` replace them)."""
+        return self.context_tower.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.context_tower.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.context_lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.context_lm_head = value
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize both towers' embeddings and both heads (transformers resizes one pair)."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        size = embeddings.num_embeddings
+        self.denoiser_tower.embeddings = self._get_resized_embeddings(
+            self.denoiser_tower.embeddings, size, mean_resizing=mean_resizing)
+        self.lm_head = self._get_resized_lm_head(self.lm_head, size, mean_resizing=mean_resizing)
+        self.freeze_context()
+        return embeddings
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                past_key_values: HybridCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_hidden_states: bool | None = None, return_dict: bool | None = None,
+                logits_to_keep: int = 0, diffusion_block_size: int | None = None, **kwargs):
+        """transformers' causal-LM forward of the context tower and its head, exactly as
+        `NemotronHForCausalLM.forward` (logits, loss from `labels`, cache, hidden states).
+
+        With `diffusion_block_size` (0: the config's `block_size`): the masked-diffusion training
+        loss of the clean `input_ids` [b, n] (see `twotower.objectives`), as a
+        `MaskedDiffusionOutput`; `noise` = (noisy, masked, t) fixes the corruption, else it is drawn
+        with `generator`. Going through forward lets DDP/FSDP wrappers see the training step."""
         if diffusion_block_size is not None:
-            return masked_diffusion_loss(self, input_ids, diffusion_block_size, generator, noise)
-        h = self.context_tower(input_ids.to(self.context_device), None, attention_mask)
-        return self.context_lm_head(h).float()
+            generator, noise = kwargs.pop("generator", None), kwargs.pop("noise", None)
+            given = dict(attention_mask=attention_mask, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                         labels=labels, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         logits_to_keep=logits_to_keep or None, **kwargs)
+            extra = sorted(k for k, v in given.items() if v is not None)
+            if extra:
+                raise TypeError(f"the diffusion loss takes no {extra}: only clean input_ids, noise, generator")
+            out = masked_diffusion_output(self, input_ids, diffusion_block_size, generator, noise)
+        else:
+            out = causal_lm_forward(self.context_tower, self.context_lm_head, LMInputs(
+                input_ids, attention_mask, past_key_values, inputs_embeds, labels, use_cache, output_hidden_states,
+                logits_to_keep), **kwargs)
+        return out if return_dict is not False else out.to_tuple()
 
     def encode_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        cache: HybridCache | None = None) -> HybridCache:
@@ -331,30 +363,10 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         keyword arguments of the chosen function (attention_mask, generator, step_callback) pass
         through. Settings this model cannot honour (beams, penalties, ...) are errors.
         """
-        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
-        extra = config.update(**kwargs)
+        config, common = generation_arguments(self, input_ids, generation_config, streamer, kwargs)
         mode = (mode or getattr(config, "mode", None) or "ar").replace("_", "-")
         if mode not in GENERATION_MODES:
             raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
-        unsupported = sorted(k for k, neutral in UNSUPPORTED_SETTINGS.items()
-                             if getattr(config, k, None) not in (None, neutral))
-        if unsupported:
-            raise ValueError(f"generate() does not support {unsupported}")
-        if input_ids is None:
-            raise ValueError("generate() needs input_ids (a prompt of at least one token)")
-        eos = config.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            if len(eos) > 1:
-                raise ValueError(f"generate() takes one eos_token_id, got {list(eos)}")
-            eos = eos[0] if eos else None
-        max_new_tokens = config.max_new_tokens
-        if max_new_tokens is None:
-            max_new_tokens = (config.max_length or 20) - input_ids.shape[1]
-        sampling = dict(temperature=1.0 if config.temperature is None else config.temperature, top_k=config.top_k,
-                        top_p=config.top_p) if config.do_sample else {}
-        common = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, streamer=streamer,
-                      use_cache=config.use_cache is not False,
-                      return_dict_in_generate=bool(config.return_dict_in_generate), **sampling, **extra)
         if mode == "diffusion":
             for name in DIFFUSION_SETTINGS:
                 common.setdefault(name, getattr(config, name, None))
@@ -363,13 +375,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
             out = self.generate_mock_ar(input_ids, **common)
         else:
             out = self.generate_ar(input_ids, **common)
-        pad = config.pad_token_id
-        if pad is None or eos is None or pad == (self.config.pad_token_id or 0):
-            return out
-        sequences = out.sequences if isinstance(out, GenerateOutput) else out
-        n = input_ids.shape[1]
-        sequences = torch.cat([sequences[:, :n], until_eos(sequences[:, n:], eos, pad)], dim=1)
-        return GenerateOutput(sequences, out.stats) if isinstance(out, GenerateOutput) else sequences
+        return pad_as_configured(out, input_ids, config, common["eos_token_id"], self.config.pad_token_id)
 
     def _decode(self, input_ids, rows, next_logits, max_new_tokens, temperature, top_k, top_p, generator,
                 eos_token_id, streamer, stats, start, return_dict):

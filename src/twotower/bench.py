@@ -29,6 +29,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from .evaluate import run_generation, story_quality, task_accuracy
+from .modes import MODES, get_mode
 from .tasks import Task, make_tasks
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -59,21 +60,23 @@ class Setting(NamedTuple):
     confidence_threshold: float | None = None
 
     def kwargs(self) -> dict:
-        if self.mode != "diffusion":
+        if not get_mode(self.mode).uses_diffusion:
             return {}
         return dict(block_size=self.block_size, steps_per_block=self.block_size,
                     confidence_threshold=self.confidence_threshold)
 
     def label(self) -> str:
-        if self.mode != "diffusion":
+        if not get_mode(self.mode).uses_diffusion:
             return self.mode
-        return f"diffusion S={self.block_size} t={self.confidence_threshold}"
+        return f"{self.mode} S={self.block_size} t={self.confidence_threshold}"
 
 
 def sweep(thresholds=THRESHOLDS, block_sizes=BLOCK_SIZES) -> list[Setting]:
-    """AR (the reference), mock-AR, and diffusion at every block size and threshold."""
-    return [Setting("ar"), Setting("mock-ar")] + [Setting("diffusion", int(b), float(t))
-                                                  for b in block_sizes for t in thresholds]
+    """Every mode of `MODES`: AR (the reference), mock-AR, and diffusion at every block size and
+    threshold."""
+    plain = [Setting(name) for name, mode in MODES.items() if not mode.uses_diffusion]
+    return plain + [Setting(name, int(b), float(t)) for name, mode in MODES.items() if mode.uses_diffusion
+                    for b in block_sizes for t in thresholds]
 
 
 # ---------------------------------------------------------------- prompts

@@ -28,6 +28,7 @@ from .data import TokenBatches, list_files, pack_corpus, read_documents
 from .evaluate import run_generation, story_quality, task_accuracy, token_logprobs
 from .hub import to_dtype
 from .modeling import NemotronHForCausalLM
+from .modes import MODES
 from .objectives import ar_loss, diffusion_loss
 from .tasks import make_tasks, task_text
 from .tokenizer import load_tokenizer, train_tokenizer
@@ -207,8 +208,8 @@ def measure(model, tokenizer, out: Path, r: Recipe) -> dict:
     nll = torch.cat([-token_logprobs(model, held.batch(i)).flatten() for i in range(min(8, len(held)))])
     stories, tasks = load_prompts(out / "corpus")
     result = {"heldout_ar_perplexity": float(torch.exp(nll.mean())), "modes": {}}
-    for mode in ("ar", "mock-ar", "diffusion"):
-        kw = dict(block_size=16, confidence_threshold=0.8) if mode == "diffusion" else {}
+    for mode in MODES:
+        kw = dict(block_size=16, confidence_threshold=0.8) if MODES[mode].uses_diffusion else {}
         gen, s = run_generation(model, tokenizer, stories, mode, r.eval_new_tokens, **kw)
         tgen, _ = run_generation(model, tokenizer, [t.prompt for t in tasks], mode, 16, **kw)
         result["modes"][mode] = {

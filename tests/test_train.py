@@ -156,4 +156,4 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     capsys.readouterr()
     assert main(["recipe", "smoke", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
     rerun = capsys.readouterr().out
-    assert all(f"[recipe] {stage}: done already" in rerun for stage in ("corpus", "tokenizer", "pack", "ar", "export"))
+    assert all(f"[recipe] {stage}: done already" in rerun for stage in ("corpus", "tokenizer", "pack", "ar", "distill-data", "distill", "export"))

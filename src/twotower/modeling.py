@@ -21,7 +21,7 @@ from transformers.utils import GENERATION_CONFIG_NAME
 from .attention import CAUSAL, Attention
 from .cache import HybridCache
 from .config import NemotronHConfig
-from .generation import generate_ar, generation_arguments, pad_as_configured
+from .generation import generate_ar, transformers_generate
 from .objectives import causal_lm_loss
 from .hub import DEFAULT_SHARD_BYTES, load_into, save_state_dict
 from .linear import Linear
@@ -353,13 +353,14 @@ class NemotronHForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
 
     def generate(self, input_ids: torch.Tensor | None = None, generation_config=None, streamer=None, **kwargs):
         """The transformers entry point (`model.generate`, `pipeline("text-generation")`), with the
-        two-tower model's contract in its AR mode: see `generation.generation_arguments` for the
-        settings honoured and refused; `attention_mask`, `generator` and `stats` pass through to
-        `generate_ar`."""
+        two-tower model's contract in its AR mode: see `params.generation_settings` for the settings
+        honoured and refused; `attention_mask`, `generator` and the settings objects' fields pass
+        through to `generate_ar`."""
         mode = kwargs.pop("mode", None)
         if mode not in (None, "ar"):
             raise ValueError(f"a single-tower model generates in mode 'ar' only, got {mode!r}")
-        config, common = generation_arguments(self, input_ids, generation_config, streamer, kwargs)
-        common.pop("use_cache")  # always cached: use_cache=False would give the same tokens, slower
-        out = self.generate_ar(input_ids, **common)
-        return pad_as_configured(out, input_ids, config, common["eos_token_id"], self.config.pad_token_id)
+
+        def run(config, ids, max_new_tokens, **settings):
+            return self.generate_ar(ids, max_new_tokens=max_new_tokens, **settings)
+
+        return transformers_generate(self, input_ids, generation_config, streamer, kwargs, run)

@@ -25,6 +25,7 @@ from .generation import generate_ar, transformers_generate
 from .objectives import causal_lm_loss
 from .hub import DEFAULT_SHARD_BYTES, load_into, save_state_dict
 from .linear import Linear
+from .loading import LoadOptions, resolve_checkpoint
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
 from .moe import MoE, Router
@@ -228,11 +229,6 @@ def causal_lm_forward(tower: NemotronHModel, head: nn.Module, inputs: LMInputs,
                                   hidden_states=None if hidden_states is None else tuple(hidden_states))
 
 
-# What transformers' Auto classes and pipelines pass to `from_pretrained` besides the folder.
-_DOWNLOAD_ARGUMENTS = {"trust_remote_code", "revision", "code_revision", "cache_dir", "force_download",
-                       "local_files_only", "proxies", "token", "adapter_kwargs", "_from_auto", "_from_pipeline"}
-
-
 class NemotronHPreTrainedModel(PreTrainedModel):
     config_class = NemotronHConfig
     base_model_prefix = "backbone"
@@ -250,27 +246,31 @@ class NemotronHPreTrainedModel(PreTrainedModel):
         return units
 
     @classmethod
-    def from_pretrained(cls, folder, dtype: torch.dtype | str | None = None, device="cpu", config=None,
-                        **config_overrides):
-        """Load a checkpoint folder (hub or transformers layout, sharded or not) without a second
-        copy of the weights in memory: the model is built on `meta` and filled from mmap'd shards.
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, dtype=None, device=None, config=None,
+                        **kwargs):
+        """Load a checkpoint (hub or transformers layout, sharded or not) from a folder or a Hub
+        repository id (through the Hugging Face cache) without a second copy of the weights in
+        memory: the model is built on `meta` and filled from memory-mapped safetensors.
 
-        `dtype` may also be a name or "auto" (as stored). `config` replaces the folder's
-        config.json, as transformers' Auto classes pass it; their download arguments (revision,
-        trust_remote_code, ...) are accepted and ignored, since `folder` is a local folder.
+        transformers' arguments are honoured or refused, never dropped (see `loading.LoadOptions`):
+        `dtype`/`torch_dtype` (a dtype, its name, or "auto": as stored), `device_map` or `device`
+        (one device), `low_cpu_mem_usage`, `use_safetensors`, revision, cache_dir,
+        local_files_only, token, force_download, subfolder; quantisation is refused. `config`
+        replaces the checkpoint's config.json, as the Auto classes pass it; without it, other
+        keyword arguments override config fields.
         """
-        overrides = {k: v for k, v in config_overrides.items() if k not in _DOWNLOAD_ARGUMENTS}
-        dtype = overrides.pop("torch_dtype", dtype)
-        if isinstance(dtype, str):
-            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        if model_args:
+            raise TypeError(f"from_pretrained takes no positional model arguments, got {len(model_args)}")
+        options = LoadOptions.from_kwargs(kwargs, dtype, device)
+        folder = resolve_checkpoint(pretrained_model_name_or_path, options)
         if config is None:
-            config = cls.config_class.from_pretrained(folder, **overrides)
-        elif overrides:
-            raise TypeError(f"from_pretrained got {sorted(overrides)} together with `config`")
+            config = cls.config_class.from_pretrained(folder, **kwargs)
+        elif kwargs:
+            raise TypeError(f"from_pretrained got config overrides {sorted(kwargs)} together with `config`")
         with torch.device("meta"):
             model = cls(config)
-        load_into(model, folder, dtype=dtype, device=device)
-        if model.can_generate() and (Path(folder) / GENERATION_CONFIG_NAME).exists():
+        load_into(model, folder, dtype=options.dtype, device=options.device)
+        if model.can_generate() and (folder / GENERATION_CONFIG_NAME).exists():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         return model.eval()
 

@@ -130,3 +130,32 @@ def test_load_options_parse():
     assert kwargs == {"num_hidden_layers": 3}  # what is left overrides config fields
     with pytest.raises(ValueError, match="not both"):
         LoadOptions.from_kwargs({"device_map": "cpu"}, device="cpu")
+
+
+def test_save_pretrained_round_trips_through_remote_code(model_dir, tmp_path):
+    """save_pretrained writes auto_map and the modeling files: the Auto class with
+    trust_remote_code gives the same logits and diffusion tokens, and the remote-code model saved
+    again loads again."""
+    import json
+    model = TwoTowerForCausalLM.from_pretrained(model_dir)
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_nemotron_twotower.")
+    assert (tmp_path / "saved" / "modeling_nemotron_twotower.py").exists()
+    remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    assert type(remote).__module__.startswith("transformers_modules") and type(remote) is not TwoTowerForCausalLM
+
+    def outputs(m):
+        ids = torch.tensor([[5, 9, 14, 33, 77, 120]])
+        return m(ids).logits, m.generate(ids, mode="diffusion", max_new_tokens=8, block_size=4)
+
+    expected, got = outputs(model), outputs(remote)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    remote.save_pretrained(tmp_path / "again")
+    for name in ("modeling_nemotron_twotower.py", "configuration_nemotron_twotower.py"):
+        assert (tmp_path / "again" / name).read_text() == (tmp_path / "saved" / name).read_text()
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True)
+    got = outputs(again)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "pickled", safe_serialization=False)

@@ -19,7 +19,6 @@ defined earlier in the same file, or imported from the configuration module).
 from __future__ import annotations
 
 import ast
-import copy
 import functools
 import inspect
 import textwrap
@@ -27,17 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .hub import DEFAULT_SHARD_BYTES, INDEX_NAME, kept_dtype, save_state_dict
-from .two_tower import TwoTowerConfig
+from .hub import DEFAULT_SHARD_BYTES, INDEX_NAME, kept_dtype
+from .two_tower import ARCHITECTURE, AUTO_MAP, CONFIG_MODULE, MODELING_MODULE, TwoTowerConfig
 
 PACKAGE_DIR = Path(__file__).parent
-CONFIG_MODULE = "configuration_nemotron_twotower"
-MODELING_MODULE = "modeling_nemotron_twotower"
-ARCHITECTURE = "NemotronHTwoTowerForCausalLM"
-AUTO_MAP = {
-    "AutoConfig": f"{CONFIG_MODULE}.TwoTowerConfig",
-    "AutoModelForCausalLM": f"{MODELING_MODULE}.TwoTowerForCausalLM",
-}
 
 
 class ExportError(RuntimeError):
@@ -185,18 +177,10 @@ def save_for_hub(model, folder: str | Path, tokenizer=None, max_shard_bytes: int
     with `trust_remote_code=True` without this package. Weights in `dtype` (default: as they are),
     in shards of at most `max_shard_bytes`; the tokenizer too if given. Returns the folder."""
     folder = Path(folder)
-    files = remote_code()  # first: a package that cannot be exported must not leave half a folder
+    remote_code()  # first: a package that cannot be exported must not leave half a folder
     folder.mkdir(parents=True, exist_ok=True)
     check_empty(folder)
-    config = copy.deepcopy(model.config)
-    config.architectures = [ARCHITECTURE]
-    config.auto_map = dict(AUTO_MAP)
-    config.save_pretrained(folder)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(folder)
-    save_state_dict(export_state_dict(model, dtype), folder, max_shard_bytes)
-    for name, source in files.items():
-        (folder / name).write_text(source)
+    model.save_pretrained(folder, max_shard_bytes, state_dict=export_state_dict(model, dtype))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder

@@ -274,11 +274,31 @@ class NemotronHPreTrainedModel(PreTrainedModel):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         return model.eval()
 
-    def save_pretrained(self, folder, max_shard_bytes: int = DEFAULT_SHARD_BYTES, **_):
-        """Write config.json and the weights in the hub layout (sharded above `max_shard_bytes`)."""
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        self.config.save_pretrained(folder)
-        save_state_dict(self.state_dict(), folder, max_shard_bytes)
+    def save_pretrained(self, folder, max_shard_bytes: int = DEFAULT_SHARD_BYTES, state_dict=None,
+                        safe_serialization: bool = True, push_to_hub: bool = False, **_):
+        """Write config.json, generation_config.json, the weights in the hub layout (safetensors,
+        sharded above `max_shard_bytes`; `state_dict` replaces the model's, as the Trainer passes
+        it) and any modules the model needs to load with `trust_remote_code` (`remote_code_files`)."""
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False: weights are written as safetensors only")
+        if push_to_hub:
+            raise ValueError("push_to_hub is not supported: save to a folder, then upload it with huggingface_hub")
+        files = self.remote_code_files()  # first: a model that cannot be exported leaves no half folder
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config_to_save().save_pretrained(folder)
+        if self.can_generate() and self.generation_config is not None:
+            self.generation_config.save_pretrained(folder)
+        save_state_dict(self.state_dict() if state_dict is None else state_dict, folder, max_shard_bytes)
+        for name, source in files.items():
+            (folder / name).write_text(source)
+
+    def config_to_save(self):
+        return self.config
+
+    def remote_code_files(self) -> dict[str, str]:
+        """{file name: source} of modules that `save_pretrained` writes beside the weights."""
+        return {}
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -12,9 +12,13 @@ the block forward. Logit j predicts the token at block position j.
 
 from __future__ import annotations
 
+import copy
+import importlib
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,6 +51,16 @@ class TwoTowerConfig(NemotronHConfig):
         if not self.architectures:
             self.architectures = ["NemotronHTwoTowerForCausalLM"]
         super().__post_init__(**kwargs)
+
+
+# the self-contained modules an exported or saved folder carries, and the config entries naming them
+CONFIG_MODULE = "configuration_nemotron_twotower"
+MODELING_MODULE = "modeling_nemotron_twotower"
+ARCHITECTURE = "NemotronHTwoTowerForCausalLM"
+AUTO_MAP = {
+    "AutoConfig": f"{CONFIG_MODULE}.TwoTowerConfig",
+    "AutoModelForCausalLM": f"{MODELING_MODULE}.TwoTowerForCausalLM",
+}
 
 
 @dataclass
@@ -155,6 +169,24 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         if positions is not None:
             h = h[positions.to(device)]
         return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+
+    def config_to_save(self) -> TwoTowerConfig:
+        """The config with `auto_map`, so that `AutoModelForCausalLM.from_pretrained(folder,
+        trust_remote_code=True)` gives this model (the release's architecture name)."""
+        config = copy.deepcopy(self.config)
+        config.architectures = [ARCHITECTURE]
+        config.auto_map = dict(AUTO_MAP)
+        return config
+
+    def remote_code_files(self) -> dict[str, str]:
+        """The configuration and modeling modules `auto_map` names: generated from the package's
+        sources (`twotower.export`), or, when this class runs from those modules (loaded with
+        trust_remote_code), their own text, so a saved folder always loads again."""
+        package, _, module = __name__.rpartition(".")
+        if module == "two_tower":
+            return importlib.import_module(f"{package}.export").remote_code()
+        modules = (sys.modules[TwoTowerConfig.__module__], sys.modules[__name__])
+        return {Path(m.__file__).name: Path(m.__file__).read_text() for m in modules}
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The context tower's embeddings: what `forward` reads (`inputs_embeds` replace them)."""

@@ -42,9 +42,8 @@ from .generation import RowStreamer, StopGeneration, through_eos
 from .modes import MODES, get_mode, run_mode
 from .params import MIN_TEMPERATURE, DiffusionParams, SamplingParams
 from .sampler import UNMASKING_RULES
-from .tokenizer import IncrementalText
+from .tokenizer import IncrementalText, format_chat
 
-CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # a base model would otherwise go on to write the user's next turn
 MAX_STOP_CHARS = 64
 _TYPE_NAME = re.compile(r"str|int|float|bool|list\[.*\]|_\w+")
@@ -176,12 +175,9 @@ class Sampling:
                                unmasking=self.unmasking or "confidence")
 
 
-def chat_prompt(messages: list[_Message]) -> str:
-    """A plain transcript for base models: "User: ...\\nAssistant: ...\\n...\\nAssistant:"."""
-    def text(content):
-        return content if isinstance(content, str) else "".join(part.text for part in content)
-
-    return "\n".join(f"{CHAT_ROLES[m.role]}: {text(m.content)}" for m in messages) + "\nAssistant:"
+def chat_prompt(tokenizer, messages: list[_Message]) -> str:
+    """The tokenizer's chat template over the messages (`tokenizer.format_chat`)."""
+    return format_chat(tokenizer, [m.model_dump() for m in messages])
 
 
 def _parse(model_type: type[BaseModel], raw: bytes) -> BaseModel:
@@ -597,7 +593,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
         if req.max_tokens is not None and req.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
         sampling = sampling_of(req, req.max_completion_tokens or req.max_tokens, (CHAT_STOP,))
-        ids = prompt_ids(chat_prompt(req.messages), "messages")
+        ids = prompt_ids(chat_prompt(tokenizer, req.messages), "messages")
         return await respond(request, req, ids, sampling, chat=True)
 
     return app

@@ -68,8 +68,36 @@ def train_tokenizer(
         mask_token=MASK_TOKEN,
         clean_up_tokenization_spaces=False,  # keep " ." and " 's" as written: exact round trip
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+# The chat format shipped with every tokenizer (tokenizer_config.json): a plain transcript, as a base
+# model continues it. "System: ...\nUser: ...\nAssistant: ..." and, with add_generation_prompt,
+# a final "\nAssistant:" for the model to continue. Content may be a string or a list of text parts
+# (the OpenAI message format).
+CHAT_TEMPLATE = (
+    "{%- set names = {'system': 'System', 'developer': 'System', 'user': 'User', 'assistant': 'Assistant'} -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in names -%}"
+    "{{ raise_exception('unknown chat role: ' ~ message['role']) }}"
+    "{%- endif -%}"
+    "{%- if not loop.first %}{{ '\n' }}{% endif -%}"
+    "{{ names[message['role']] ~ ': ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\nAssistant:' }}{%- endif -%}"
+)
+
+
+def format_chat(tokenizer, messages: list[dict]) -> str:
+    """The prompt text of a chat: the tokenizer's own chat template, or `CHAT_TEMPLATE` for a
+    tokenizer without one, ending with the assistant's turn to speak."""
+    return tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or CHAT_TEMPLATE,
+                                         tokenize=False, add_generation_prompt=True)
 
 
 def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerFast:

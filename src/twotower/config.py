@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import transformers
 
+DEFAULT_TIME_STEP_LIMIT = (0.0, float("inf"))  # no clamp: the kernels' behaviour
 LAYER_KINDS = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
 ROUTER_DTYPES = ("float32", "float64")
 
@@ -40,7 +43,34 @@ class NemotronHConfig(transformers.NemotronHConfig):
             if not pattern:
                 raise ValueError("hybrid_override_pattern is empty")
         super().__post_init__(**kwargs)
+        self.time_step_limit = tuple(float("inf") if float(x) >= sys.float_info.max else float(x)
+                                     for x in self.time_step_limit)
         self.check()
+
+    def to_dict(self) -> dict:
+        """transformers' fields, written as the release's config.json has them: the layer pattern as
+        `hybrid_override_pattern` and `num_hidden_layers` (the release's config class derives
+        `layers_block_type` from them, read-only), and `time_step_limit` as valid JSON: omitted at
+        its default (0, inf), an infinite bound written as the largest float."""
+        d = super().to_dict()
+        d.pop("layers_block_type", None)
+        d.pop("mtp_layers_block_type", None)
+        d["hybrid_override_pattern"] = self.hybrid_override_pattern
+        d["num_hidden_layers"] = len(self.hybrid_override_pattern)
+        d["mtp_hybrid_override_pattern"] = self.mtp_hybrid_override_pattern
+        limit = tuple(float(x) for x in d.pop("time_step_limit", DEFAULT_TIME_STEP_LIMIT))
+        if limit != DEFAULT_TIME_STEP_LIMIT:
+            d["time_step_limit"] = [min(x, sys.float_info.max) for x in limit]
+        return d
+
+    def to_diff_dict(self) -> dict:
+        """The fields that differ from the defaults, and always the layer pattern (a reader that
+        falls back to its own default pattern would build another model)."""
+        d = super().to_diff_dict()
+        full = self.to_dict()
+        for key in ("hybrid_override_pattern", "num_hidden_layers"):
+            d[key] = full[key]
+        return d
 
     @property
     def layer_kinds(self) -> str:

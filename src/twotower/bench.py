@@ -21,9 +21,11 @@ denoiser forward commits.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -273,6 +275,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from .default import load_model, resolve_model_dir
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before the run, not after it
+        print("error: --plot needs matplotlib, which is not installed: pip install 'twotower[bench]'",
+              file=sys.stderr)
+        return 2
     model_dir = resolve_model_dir(args.model)
     model, tokenizer = load_model(model_dir)
     stories, tasks = load_prompts(model_dir, args.prompts)

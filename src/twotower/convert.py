@@ -14,6 +14,7 @@ Tokenizer files are copied along. The router and A_log stay float32 whatever the
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -86,11 +87,28 @@ def add_arguments(p) -> None:
                        help="two-tower only (default: the release's)")
 
 
+def check_source(source: str | Path, to: str) -> None:
+    """A ValueError that says what is wrong with the source folder for the direction asked."""
+    source = Path(source)
+    if not source.is_dir():
+        raise ValueError(f"source folder {source} does not exist")
+    if not (source / "config.json").is_file():
+        raise ValueError(f"{source} holds no config.json: not a checkpoint folder")
+    config = json.loads((source / "config.json").read_text())
+    two_tower = any("TwoTower" in a for a in config.get("architectures") or []) or "mask_token_id" in config
+    if to == "two-tower" and two_tower:
+        raise ValueError(f"{source} is already a two-tower checkpoint; --to single-tower extracts its AR model")
+    if to == "single-tower" and not two_tower:
+        raise ValueError(f"{source} is a single-tower NemotronH checkpoint, not a two-tower one; "
+                         "--to two-tower builds a two-tower model from it")
+
+
 def run(args) -> int:
     settings = {k: getattr(args, k) for k in DIFFUSION_CONFIG_FIELDS if getattr(args, k) is not None}
     try:
         if settings and args.to == "single-tower":
             raise ValueError(f"{sorted(settings)} only apply with --to two-tower")
+        check_source(args.source, args.to)
         dtype = DTYPES[args.dtype] if args.dtype else None
         shard = parse_size(args.max_shard_size)
         if args.to == "two-tower":

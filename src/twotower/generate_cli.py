@@ -57,11 +57,12 @@ class TextStream:
         self.out.flush()
 
 
-def render_step(tokenizer, step, mask_token_id: int) -> str:
-    """One line per denoising step: committed tokens as text, masked positions as `_`."""
+def render_step(tokenizer, step, mask_token_id: int, bold: bool = True) -> str:
+    """One line per denoising step: committed tokens as text, masked positions as `_`; with
+    `bold` (a terminal), the tokens committed at this step in bold."""
     pieces = ["_" if t == mask_token_id else tokenizer.decode([t]) for t in step.tokens[0].tolist()]
     new = step.committed[0].tolist()
-    shown = "".join(f"\033[1m{p}\033[0m" if fresh else p for p, fresh in zip(pieces, new))
+    shown = "".join(f"\033[1m{p}\033[0m" if fresh and bold else p for p, fresh in zip(pieces, new))
     return f"block {step.block} step {step.step:2d} |{shown}|"
 
 
@@ -78,17 +79,23 @@ def run(args) -> int:
     if ids.shape[1] == 0:
         print("error: the prompt is empty", file=sys.stderr)
         return 2
+    longest = model.config.max_position_embeddings
+    if ids.shape[1] + args.max_new_tokens > longest:
+        print(f"warning: the prompt ({ids.shape[1]} tokens) and --max-new-tokens ({args.max_new_tokens}) exceed "
+              f"the model's max_position_embeddings ({longest}): it was not trained on sequences this long",
+              file=sys.stderr)
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True)
     sys.stdout.write(args.prompt)
-    stream = None if args.show_steps else TextStream(tokenizer)
+    draws_steps = args.show_steps and MODES[args.mode].uses_diffusion  # other modes have no steps: they stream
+    stream = None if draws_steps else TextStream(tokenizer)
     callback = None
-    if args.show_steps and MODES[args.mode].uses_diffusion:
+    if draws_steps:
         sys.stdout.write("\n")
-        mask_id = model.config.mask_token_id
+        mask_id, bold = model.config.mask_token_id, sys.stdout.isatty()  # no escape codes into pipes and files
 
         def callback(step):
-            print(render_step(tokenizer, step, mask_id), flush=True)
+            print(render_step(tokenizer, step, mask_id, bold), flush=True)
     try:
         out = run_mode(model, args.mode, ids, args.max_new_tokens, block_size=args.block_size,
                        steps_per_block=args.steps_per_block, confidence_threshold=args.threshold,
@@ -96,7 +103,7 @@ def run(args) -> int:
     except ValueError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
-    if args.show_steps:
+    if draws_steps:
         print(args.prompt + tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True))
     if args.stats:
         s = out.stats

@@ -189,6 +189,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | Path,
     for name, shard in zip(names, shards):
         tmp = folder / (name + ".tmp")
         save_file(_unshare(shard), str(tmp), metadata=meta)
+        give_normal_mode(tmp)
         os.replace(tmp, folder / name)
     if len(shards) > 1:
         index = {
@@ -199,6 +200,15 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | Path,
         tmp.write_text(json.dumps(index, indent=2))
         os.replace(tmp, folder / INDEX_NAME)
     return names
+
+
+def give_normal_mode(path: Path) -> None:
+    """The mode a newly created file gets under the process umask (0644 under the usual 022):
+    safetensors creates its files 0600, which other users and tools reading a shared model
+    folder could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _unshare(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

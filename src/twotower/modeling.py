@@ -296,6 +296,21 @@ class NemotronHPreTrainedModel(PreTrainedModel):
     def config_to_save(self):
         return self.config
 
+    # transformers' embedding accessors: the causal LM's tower (`base_model_prefix`) and head
+    lm_head_name = "lm_head"
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return getattr(self, self.base_model_prefix).embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        getattr(self, self.base_model_prefix).embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return getattr(self, self.lm_head_name)
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        setattr(self, self.lm_head_name, value)
+
     def remote_code_files(self) -> dict[str, str]:
         """{file name: source} of modules that `save_pretrained` writes beside the weights."""
         return {}
@@ -339,18 +354,6 @@ class NemotronHForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
 
     def new_cache(self) -> HybridCache:
         return self.backbone.new_cache()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.backbone.embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.backbone.embeddings = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values: HybridCache | None = None, inputs_embeds: torch.Tensor | None = None,

@@ -76,7 +76,8 @@ class DenoiseStep:
 
 class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
     config_class = TwoTowerConfig
-    base_model_prefix = "context_tower"
+    base_model_prefix = "context_tower"  # the embedding accessors give the context side, what forward reads
+    lm_head_name = "context_lm_head"
 
     def __init__(self, config: TwoTowerConfig):
         super().__init__(config)
@@ -187,19 +188,6 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
             return importlib.import_module(f"{package}.export").remote_code()
         modules = (sys.modules[TwoTowerConfig.__module__], sys.modules[__name__])
         return {Path(m.__file__).name: Path(m.__file__).read_text() for m in modules}
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        """The context tower's embeddings: what `forward` reads (`inputs_embeds` replace them)."""
-        return self.context_tower.embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.context_tower.embeddings = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.context_lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.context_lm_head = value
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:

@@ -15,6 +15,7 @@ import transformers
 
 from conftest import REPO, make_tiny_model_dir
 from twotower import NemotronHForCausalLM, TwoTowerForCausalLM
+from twotower.default import load_model
 from twotower.loading import LoadOptions, parse_device
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -48,6 +49,9 @@ def test_hub_id_loads_from_an_offline_cache(model_dir, tmp_path, monkeypatch):
     assert torch.equal(again(IDS).logits, expected)
     with pytest.raises(FileNotFoundError, match="someone/not-cached"):
         TwoTowerForCausalLM.from_pretrained("someone/not-cached", cache_dir=str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # as HF_HOME would set it
+    model, tokenizer = load_model("someone/tiny-twotower")  # the command line's --model takes ids too
+    assert torch.equal(model(IDS).logits, expected) and len(tokenizer) == model.config.vocab_size
     with pytest.raises(FileNotFoundError, match="no model folder"):
         TwoTowerForCausalLM.from_pretrained(str(tmp_path / "missing" / "folder"))
 

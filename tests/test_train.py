@@ -146,6 +146,8 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
         routers = [k for k in f.keys() if k.endswith("mixer.gate.weight")]
         assert routers and all(f.get_tensor(k).dtype == torch.float32 for k in routers)  # but not the router
     model, tokenizer = load_model(final)
+    from twotower.tokenizer import CHAT_TEMPLATE
+    assert tokenizer.chat_template == CHAT_TEMPLATE  # the recipe's tokenizer carries the chat template
     ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
     for method in (model.generate_mask_diffusion, model.generate_mock_ar, model.generate_ar):
         text = tokenizer.decode(method(ids, max_new_tokens=8)[0])

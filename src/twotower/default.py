@@ -11,7 +11,11 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 
 
 def resolve_model_dir(path: str | Path | None) -> Path:
-    """`path`, or the embedded model's folder when None; a clear error if it holds no model."""
+    """`path` (a folder, or a Hub repository id resolved through the Hugging Face cache), or the
+    embedded model's folder when None; a clear error if it holds no model."""
+    if path is not None and not Path(path).exists():
+        from .loading import LoadOptions, resolve_checkpoint
+        return resolve_checkpoint(path, LoadOptions())
     folder = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if not (folder / "config.json").exists():
         hint = "" if path is not None else " (the embedded model is missing from this installation)"

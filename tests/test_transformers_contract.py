@@ -64,6 +64,9 @@ def test_tuple_output_embeddings_input_and_hidden_states(model):
         model(IDS, output_attentions=True)
     with pytest.raises(TypeError, match="unsupported arguments"):
         model(IDS, head_mask=torch.ones(2))
+    assert torch.equal(model(IDS, token_type_ids=torch.zeros_like(IDS), position_ids=IDS).logits, out.logits)
+    with pytest.raises(ValueError, match="token_type_ids"):
+        model(IDS, token_type_ids=torch.ones_like(IDS))
 
 
 def test_past_key_values_continue_the_sequence(model):

@@ -190,8 +190,8 @@ class LMInputs:
 
 
 # forward arguments transformers' Trainer, PEFT and pipelines pass that need nothing here: positions
-# (the model has no positional encoding), and the attention output flag when it is off
-_IGNORED_FORWARD_ARGUMENTS = {"position_ids", "cache_position", "token_type_ids"}
+# (the model has no positional encoding)
+_IGNORED_FORWARD_ARGUMENTS = {"position_ids", "cache_position"}
 
 
 def causal_lm_forward(tower: NemotronHModel, head: nn.Module, inputs: LMInputs,
@@ -205,6 +205,9 @@ def causal_lm_forward(tower: NemotronHModel, head: nn.Module, inputs: LMInputs,
     if output_attentions:
         raise ValueError("output_attentions=True is not supported: attention runs as scaled-dot-product "
                          "attention and never forms its weights")
+    token_types = unused.pop("token_type_ids", None)  # a tokenizer's default output: one segment is fine
+    if token_types is not None and bool(token_types.any()):
+        raise ValueError("token_type_ids other than 0 are not supported: the model has no segment embeddings")
     unknown = sorted(set(unused) - _IGNORED_FORWARD_ARGUMENTS)
     if unknown:
         raise TypeError(f"forward() got unsupported arguments {unknown}")

@@ -67,6 +67,8 @@ def test_sampling_follows_openai_defaults_and_limits():
     assert sampling({"temperature": 1e-5}).temperature == 0.0  # greedy in all but name
     assert sampling({"top_p": 0.5}).top_p == 0.5 and sampling({"top_p": 0.5}).temperature == 1.0
     assert refused(sampling, {"max_tokens": 65}).param == "max_tokens"
+    small = parse({"prompt": "Hi"})
+    assert sampling_of(small, ServeConfig(max_tokens_limit=8), DEFAULTS, None).max_tokens == 8  # default <= limit
     assert refused(sampling, {"model": "gpt-4"}).status == 404
     assert refused(sampling, {"n": 2}).param == "n"
     assert refused(sampling, {"stop": ["a"] * 5}).param == "stop"

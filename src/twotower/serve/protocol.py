@@ -243,7 +243,7 @@ def sampling_of(req: _Request, config: ServeConfig, model_defaults: dict, max_to
                        param="model", code="model_not_found")
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
-    max_tokens = config.default_max_tokens if max_tokens is None else max_tokens
+    max_tokens = min(config.default_max_tokens, config.max_tokens_limit) if max_tokens is None else max_tokens
     if max_tokens > config.max_tokens_limit:
         raise APIError(400, f"max_tokens is {max_tokens}, more than this server's limit of "
                        f"{config.max_tokens_limit}", param="max_tokens")

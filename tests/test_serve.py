@@ -14,9 +14,6 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 psutil = pytest.importorskip("psutil")
 
-import torch  # noqa: E402
-
-from twotower.default import load_model  # noqa: E402
 from twotower.serve import ServeConfig, background_server, create_app  # noqa: E402
 from twotower.tokenizer import IncrementalText  # noqa: E402
 
@@ -27,18 +24,7 @@ PROMPTS = ["Once upon a time", "The little dog ran to the", "Lily and Tom", "One
 SLOW = dict(mode="diffusion", block_size=256, steps_per_block=256, confidence_threshold=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread avoids spinning threads fighting each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return load_model(None)  # the embedded model
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextmanager

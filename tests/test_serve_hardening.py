@@ -20,9 +20,6 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-import torch  # noqa: E402
-
-from twotower.default import load_model  # noqa: E402
 from twotower.serve import ServeConfig, background_server, create_app  # noqa: E402
 
 MODEL = "twotower"
@@ -30,17 +27,7 @@ C, CHAT = "/v1/completions", "/v1/chat/completions"
 SLOW = dict(mode="diffusion", block_size=256, steps_per_block=256, confidence_threshold=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return load_model(None)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextmanager
@@ -172,28 +159,28 @@ def raw_connection(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=10)
 
 
+def peer_closed(sock: socket.socket, send: bytes = b"") -> bool:
+    """Send `send`, then whether the server has closed the connection (waiting up to the socket's timeout)."""
+    try:
+        sock.sendall(send)
+        return sock.recv(1024) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
 def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> bool:
     """Whether the server closes the connection within `seconds` while we send `trickle` a byte at a time."""
     end = time.monotonic() + seconds
     sock.settimeout(0.2)
-    for byte in trickle or b"":
-        try:
-            sock.sendall(bytes([byte]))
-            if sock.recv(1) == b"":
-                return True
-        except socket.timeout:
-            pass
-        except OSError:
+    for byte in trickle:
+        if peer_closed(sock, bytes([byte])):
             return True
         if time.monotonic() > end:
             return False
     while time.monotonic() < end:
-        try:
-            if sock.recv(1024) == b"":
-                return True
-        except socket.timeout:
-            continue
-        except OSError:
+        if peer_closed(sock):
             return True
     return False
 

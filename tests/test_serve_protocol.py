@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("fastapi")
 
 from twotower.generation import GenerationStats  # noqa: E402
+from twotower.modes import MODES  # noqa: E402
+from twotower.params import DiffusionParams, SamplingParams  # noqa: E402
 from twotower.serve.protocol import (  # noqa: E402
     APIError, ChatRequest, CompletionRequest, ServeConfig, check_origin, check_prompt_ids, chat_prompt,
     completion_body, parse_request, sampling_of, stream_chunks, stream_opening, usage)
@@ -62,10 +64,12 @@ def test_no_op_openai_defaults_are_accepted_and_other_values_refused():
 
 def test_sampling_follows_openai_defaults_and_limits():
     s = sampling({})
-    assert (s.mode, s.max_tokens, s.temperature, s.top_p) == ("diffusion", 32, 1.0, None)  # OpenAI's temperature
-    assert sampling({"temperature": 0}).temperature == 0.0
-    assert sampling({"temperature": 1e-5}).temperature == 0.0  # greedy in all but name
-    assert sampling({"top_p": 0.5}).top_p == 0.5 and sampling({"top_p": 0.5}).temperature == 1.0
+    assert (s.mode, s.max_tokens, s.sampling) == ("diffusion", 32, SamplingParams(1.0))  # OpenAI's temperature
+    assert sampling({"temperature": 0}).sampling == SamplingParams()
+    assert sampling({"temperature": 1e-5, "top_p": 0.5, "seed": 3}).sampling == SamplingParams()  # greedy
+    assert sampling({"top_p": 0.5}).sampling == SamplingParams(1.0, top_p=0.5)
+    assert sampling({"temperature": 0.7, "top_k": 5, "seed": 9}).sampling == SamplingParams(0.7, 5, seed=9)
+    assert sampling({"unmasking": "fixed"}).diffusion.unmasking == "fixed"
     assert refused(sampling, {"max_tokens": 65}).param == "max_tokens"
     small = parse({"prompt": "Hi"})
     assert sampling_of(small, ServeConfig(max_tokens_limit=8), DEFAULTS, None).max_tokens == 8  # default <= limit
@@ -73,25 +77,25 @@ def test_sampling_follows_openai_defaults_and_limits():
     assert refused(sampling, {"n": 2}).param == "n"
     assert refused(sampling, {"stop": ["a"] * 5}).param == "stop"
     assert refused(sampling, {"stream_options": {"include_usage": True}}).param == "stream_options"
+    assert refused(sampling, {"unmasking": "random"}).param == "unmasking"
+    assert [sampling({"mode": name}).mode for name in MODES] == list(MODES)  # the registry's modes, every one
 
 
 def test_a_diffusion_block_never_spans_more_than_max_tokens():
-    s = sampling({"max_tokens": 1})
-    assert (s.block_size, s.steps_per_block) == (1, 1)
-    s = sampling({"max_tokens": 5, "block_size": 8, "steps_per_block": 3})
-    assert (s.block_size, s.steps_per_block) == (5, 3)
-    s = sampling({"max_tokens": 40})
-    assert (s.block_size, s.steps_per_block, s.generate_kwargs()["block_size"]) == (16, 16, 16)
-    ar = sampling({"mode": "ar", "max_tokens": 1})
-    assert ar.block_size is None and "block_size" not in ar.generate_kwargs()
+    assert sampling({"max_tokens": 1}).diffusion == DiffusionParams(1, 1)
+    assert sampling({"max_tokens": 5, "block_size": 8, "steps_per_block": 3}).diffusion == DiffusionParams(5, 3)
+    assert sampling({"max_tokens": 40, "confidence_threshold": 0.5}).diffusion == DiffusionParams(16, 16, 0.5)
+    assert sampling({"mode": "ar", "max_tokens": 1}).diffusion is None
 
 
 def test_batch_keys_group_compatible_requests_and_isolate_seeded_sampling():
     greedy = [sampling({"temperature": 0, "top_p": p, "seed": seed}) for p, seed in ((0.3, None), (0.9, 5))]
     assert greedy[0].batch_key() == greedy[1].batch_key() is not None  # greedy ignores top_p and seed
     assert sampling({"temperature": 0.7, "seed": 3}).batch_key() is None
+    assert sampling({"temperature": 0.7}).batch_key() == sampling({"temperature": 0.7}).batch_key()
     assert sampling({"temperature": 0, "mode": "ar"}).batch_key() != greedy[0].batch_key()
     assert sampling({"temperature": 0, "block_size": 4}).batch_key() != greedy[0].batch_key()
+    assert sampling({"temperature": 0, "block_size": 4}).cost_key() == sampling({"block_size": 4}).cost_key()
 
 
 @dataclass

@@ -7,8 +7,9 @@ on every prompt batch, in an order that rotates from batch to batch, so drift of
 
 Quality: exact-match accuracy on the exact-answer tasks, per task kind, and the AR tower's
 perplexity of the story continuations. `quality_retained` is the mean over those tasks (each
-task kind, and the stories) of a setting's score relative to AR's; for perplexity, AR's over
-the setting's. A kind on which AR scores 0 has nothing to retain and is left out.
+task kind, and the stories) of a setting's score relative to AR's, each capped at 1; for
+perplexity, AR's over the setting's. A kind on which AR scores 0 has nothing to retain and is left
+out.
 
 Speed: generated tokens per second (prompt and padding never count), tokens per denoiser
 forward and denoiser and context forwards per token (one forward runs a whole batch), latency to
@@ -29,6 +30,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from .evaluate import run_generation, story_quality, task_accuracy
+from .modes import MODES, get_mode
 from .tasks import Task, make_tasks
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -59,21 +61,23 @@ class Setting(NamedTuple):
     confidence_threshold: float | None = None
 
     def kwargs(self) -> dict:
-        if self.mode != "diffusion":
+        if not get_mode(self.mode).uses_diffusion:
             return {}
         return dict(block_size=self.block_size, steps_per_block=self.block_size,
                     confidence_threshold=self.confidence_threshold)
 
     def label(self) -> str:
-        if self.mode != "diffusion":
+        if not get_mode(self.mode).uses_diffusion:
             return self.mode
-        return f"diffusion S={self.block_size} t={self.confidence_threshold}"
+        return f"{self.mode} S={self.block_size} t={self.confidence_threshold}"
 
 
 def sweep(thresholds=THRESHOLDS, block_sizes=BLOCK_SIZES) -> list[Setting]:
-    """AR (the reference), mock-AR, and diffusion at every block size and threshold."""
-    return [Setting("ar"), Setting("mock-ar")] + [Setting("diffusion", int(b), float(t))
-                                                  for b in block_sizes for t in thresholds]
+    """Every mode of `MODES`: AR (the reference), mock-AR, and diffusion at every block size and
+    threshold."""
+    plain = [Setting(name) for name, mode in MODES.items() if not mode.uses_diffusion]
+    return plain + [Setting(name, int(b), float(t)) for name, mode in MODES.items() if mode.uses_diffusion
+                    for b in block_sizes for t in thresholds]
 
 
 # ---------------------------------------------------------------- prompts
@@ -176,11 +180,12 @@ def _number(x: float) -> float | None:
 
 
 def quality_retained(row: dict, ar: dict) -> float | None:
-    """Mean over the task kinds and the stories of the row's score relative to AR's."""
+    """Mean over the task kinds and the stories of the row's score relative to AR's, each ratio
+    capped at 1: beating AR on one kind cannot hide a loss on another."""
     ratios = [row["accuracy_by_kind"][k] / a for k, a in ar["accuracy_by_kind"].items() if a > 0]
     if row["story_perplexity"] is not None and ar["story_perplexity"] is not None:
         ratios.append(ar["story_perplexity"] / row["story_perplexity"])
-    return statistics.mean(ratios) if ratios else None
+    return statistics.mean(min(r, 1.0) for r in ratios) if ratios else None
 
 
 def headline(rows: list[dict]) -> dict | None:

@@ -14,10 +14,9 @@ import collections
 import threading
 import time
 
-import torch
-
-from ..evaluate import generate, left_pad
+from ..evaluate import left_pad
 from ..generation import GenerationStats, RowStreamer, StopGeneration, through_eos
+from ..modes import run_mode
 from ..tokenizer import IncrementalText
 from .protocol import APIError, Sampling, ServeConfig, usage
 
@@ -214,9 +213,9 @@ class Engine:
         self.running, start = jobs, time.monotonic()
         try:
             ids, mask = left_pad([job.prompt_ids for job in jobs], self.pad_id)
-            kwargs = {**s.generate_kwargs(), "max_new_tokens": max(job.sampling.max_tokens for job in jobs)}
-            generate(self.model, s.mode, ids, attention_mask=mask, eos_token_id=self.eos_id, streamer=streamer,
-                     stats=stats, generator=torch.Generator().manual_seed(s.seed) if s.seeded else None, **kwargs)
+            run_mode(self.model, s.mode, ids, max(job.sampling.max_tokens for job in jobs), attention_mask=mask,
+                     sampling=s.sampling, diffusion=s.diffusion, eos_token_id=self.eos_id, streamer=streamer,
+                     stats=stats)
         except StopGeneration:
             pass
         except Exception as e:  # a failed batch answers its requests; the worker goes on

@@ -18,13 +18,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import two_tower  # noqa: F401  (registers the model's generation modes)
 from ..generation import GenerationStats
-from ..two_tower import GENERATION_MODES
+from ..modes import MODES, get_mode
+from ..params import MIN_TEMPERATURE, DiffusionParams, SamplingParams
+from ..sampler import UNMASKING_RULES
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # a base model would otherwise go on to write the user's next turn
 MAX_STOP_CHARS = 64
-MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy in all but name and logits / t can overflow
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # an omitted temperature means what it means to OpenAI: sampling at 1
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _TYPE_NAME = re.compile(r"str|int|float|bool|list\[.*\]|_\w+")
@@ -109,10 +111,11 @@ class _Request(BaseModel):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     user: str | None = None
-    mode: Literal[GENERATION_MODES] | None = None
+    mode: Literal[tuple(MODES)] | None = None
     block_size: int | None = Field(None, ge=1, le=256)
     steps_per_block: int | None = Field(None, ge=1, le=1024)
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    unmasking: Literal[tuple(UNMASKING_RULES)] | None = None
 
 
 class CompletionRequest(_Request):
@@ -142,44 +145,23 @@ class ChatRequest(_Request):
 
 @dataclass(frozen=True)
 class Sampling:
-    """The decoding settings of one request, defaults filled in."""
+    """The decoding settings of one request: the mode, the library's settings objects (greedy
+    requests carry the default `SamplingParams`, whatever filters they named), stop strings."""
 
     mode: str
     max_tokens: int
-    temperature: float
-    top_p: float | None
-    top_k: int | None
-    block_size: int | None
-    steps_per_block: int | None
-    confidence_threshold: float | None
-    seed: int | None
-    stop: tuple[str, ...]
-
-    @property
-    def seeded(self) -> bool:
-        return self.seed is not None and self.temperature > 0
+    sampling: SamplingParams
+    diffusion: DiffusionParams | None  # None: a mode without diffusion
+    stop: tuple[str, ...] = ()
 
     def batch_key(self):
         """Requests with equal keys may be decoded in one batch; None: this one runs alone (a seeded
         sampled request, so its answer depends only on its seed)."""
-        if self.seeded:
-            return None
-        sampled = self.temperature > 0
-        return (*self.cost_key(), self.temperature, self.top_p if sampled else None, self.top_k if sampled else None)
+        return None if self.sampling.seed is not None else (self.mode, self.sampling, self.diffusion)
 
     def cost_key(self) -> tuple:
         """The settings that decide how long a token takes."""
-        diffusion = self.mode == "diffusion"
-        return (self.mode, *((self.block_size, self.steps_per_block, self.confidence_threshold) if diffusion
-                             else (None, None, None)))
-
-    def generate_kwargs(self) -> dict:
-        """Keyword arguments of the model's generate functions (`evaluate.generate`)."""
-        kw = dict(max_new_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-        if self.mode == "diffusion":
-            kw.update(block_size=self.block_size, steps_per_block=self.steps_per_block,
-                      confidence_threshold=self.confidence_threshold)
-        return kw
+        return self.mode, self.diffusion
 
 
 def lone_surrogate(value) -> bool:
@@ -255,15 +237,17 @@ def sampling_of(req: _Request, config: ServeConfig, model_defaults: dict, max_to
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     temperature = OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
     mode = req.mode or "diffusion"
-    block = steps = threshold = None
-    if mode == "diffusion":
-        block = min(req.block_size or model_defaults["block_size"], max_tokens)
-        steps = req.steps_per_block or min(model_defaults["steps_per_block"], block)
-        threshold = req.confidence_threshold
-    return Sampling(mode=mode, max_tokens=max_tokens,
-                    temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
-                    top_p=req.top_p, top_k=req.top_k, block_size=block, steps_per_block=steps,
-                    confidence_threshold=threshold, seed=req.seed, stop=stop + extra_stop)
+    try:
+        sampling = SamplingParams() if temperature < MIN_TEMPERATURE else SamplingParams(
+            temperature, req.top_k, req.top_p, seed=req.seed)
+        diffusion = None
+        if get_mode(mode).uses_diffusion:
+            block = min(req.block_size or model_defaults["block_size"], max_tokens)
+            diffusion = DiffusionParams(block, req.steps_per_block or min(model_defaults["steps_per_block"], block),
+                                        req.confidence_threshold, unmasking=req.unmasking or "confidence")
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    return Sampling(mode, max_tokens, sampling, diffusion, stop + extra_stop)
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:

@@ -160,3 +160,29 @@ def test_empty_api_key_is_refused():
         with pytest.raises(ValueError, match="empty"):
             ServeConfig(api_key=key).validate()
     ServeConfig(api_key="k").validate()
+
+
+def test_chat_prompts_use_the_tokenizers_chat_template_when_it_has_one():
+    """Prompts (the tokenizer's side of the server) with the shipped tokenizer, without and with a
+    chat template: the template's text is what gets tokenized, and no transcript stop is needed."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from twotower.default import DEFAULT_MODEL_DIR
+    from twotower.serve.prompts import Prompts
+    from twotower.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL_DIR)
+    model_config = SimpleNamespace(mask_token_id=3, vocab_size=len(tokenizer))
+    messages = parse({"messages": [{"role": "user", "content": "Hi"}]}, ChatRequest).messages
+    plain = Prompts(tokenizer, model_config, CONFIG)
+    assert plain.template is None and asyncio.run(plain.chat(messages)) == "User: Hi\nAssistant:"
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    templated = Prompts(tokenizer, model_config, CONFIG)
+    text = asyncio.run(templated.chat(messages))
+    assert text == "<user>Hi<assistant>"
+    ids = asyncio.run(templated.ids(text, "messages"))
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(APIError) as e:
+        asyncio.run(templated.ids("x" * (templated.max_chars + 1), "messages"))
+    assert e.value.code == "context_length_exceeded"

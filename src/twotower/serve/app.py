@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..tokenizer import IncrementalText
 from . import protocol as p
 from .engine import Engine, Job
+from .page import add_page
 from .prompts import Prompts
 
 
@@ -67,7 +68,8 @@ def create_app(model, tokenizer, config: p.ServeConfig | None = None) -> FastAPI
     async def respond(request: Request, req, ids: list[int], sampling: p.Sampling, chat: bool):
         """Run the job; answer with one JSON body, or with server-sent events when streaming."""
         loop = asyncio.get_running_loop()
-        job = Job(ids, sampling, IncrementalText(prompts.decode, sampling.stop), tokenizer.eos_token_id, loop)
+        job = Job(ids, sampling, IncrementalText(prompts.decode, sampling.stop), tokenizer.eos_token_id, loop,
+                  show_step=prompts.pieces if req.stream_steps and sampling.diffusion is not None else None)
         engine.submit(job, config.request_timeout)
         events = job.events_until(request.is_disconnected, loop.time() + config.request_timeout)
         head = p.response_head(chat, config.model_name, uuid.uuid4().hex, int(time.time()))
@@ -108,6 +110,8 @@ def create_app(model, tokenizer, config: p.ServeConfig | None = None) -> FastAPI
                 engine.withdraw(job)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    add_page(app, model.config, config.max_tokens_limit)
 
     @app.get("/health")
     async def health():

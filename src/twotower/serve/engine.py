@@ -37,8 +37,9 @@ class Job:
     finish_reason, usage), ("error", APIError)."""
 
     def __init__(self, prompt_ids: list[int], sampling: Sampling, text: IncrementalText, eos_id: int | None,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, show_step=None):
         self.prompt_ids, self.sampling, self.text, self.eos_id, self.loop = prompt_ids, sampling, text, eos_id, loop
+        self.show_step = show_step  # None, or ids -> each position's text (None where masked): send steps
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.finished = False
@@ -68,6 +69,12 @@ class Job:
                        usage(len(self.prompt_ids), self.completion_tokens, stats))
         else:
             self._emit("delta", delta)
+
+    def step(self, block: int, step: int, tokens: list[int], committed: list[bool]) -> None:
+        """One denoising step of this row's current block."""
+        if not self.done:
+            self._emit("step", {"block": block, "step": step, "tokens": self.show_step(tokens),
+                                "committed": committed})
 
     def fail(self, error: APIError) -> None:
         if not self.done:
@@ -210,12 +217,18 @@ class Engine:
         stats = GenerationStats()
         streamer = RowStreamer(len(jobs), lambda row, tokens: jobs[row].take(tokens, stats),
                                lambda row: jobs[row].done, self.eos_id)
+
+        def show_steps(step):  # diffusion's step_callback, for the rows that asked to see steps
+            for i, row in enumerate(step.rows.tolist()):
+                if jobs[row].show_step is not None:
+                    jobs[row].step(step.block, step.step, step.tokens[i].tolist(), step.committed[i].tolist())
+
         self.running, start = jobs, time.monotonic()
         try:
             ids, mask = left_pad([job.prompt_ids for job in jobs], self.pad_id)
             run_mode(self.model, s.mode, ids, max(job.sampling.max_tokens for job in jobs), attention_mask=mask,
                      sampling=s.sampling, diffusion=s.diffusion, eos_token_id=self.eos_id, streamer=streamer,
-                     stats=stats)
+                     stats=stats, step_callback=show_steps if any(job.show_step for job in jobs) else None)
         except StopGeneration:
             pass
         except Exception as e:  # a failed batch answers its requests; the worker goes on

@@ -26,6 +26,12 @@ class Prompts:
         with self.lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def pieces(self, ids: list[int]) -> list[str | None]:
+        """Each token's own text, None for the mask token (a denoising step as a page draws it)."""
+        mask_id = self.model_config.mask_token_id
+        with self.lock:
+            return [None if i == mask_id else self.tokenizer.decode([i]) for i in ids]
+
     def _encode(self, text: str) -> list[int]:
         with self.lock:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]

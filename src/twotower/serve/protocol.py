@@ -116,6 +116,7 @@ class _Request(BaseModel):
     steps_per_block: int | None = Field(None, ge=1, le=1024)
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
     unmasking: Literal[tuple(UNMASKING_RULES)] | None = None
+    stream_steps: bool | None = None  # also stream every denoising step ("twotower.step" chunks)
 
 
 class CompletionRequest(_Request):
@@ -233,8 +234,9 @@ def sampling_of(req: _Request, config: ServeConfig, model_defaults: dict, max_to
     if len(stop) > 4 or any(not 0 < len(s) <= MAX_STOP_CHARS for s in stop):
         raise APIError(400, f"stop must be a string of 1 to {MAX_STOP_CHARS} characters or a list of at most "
                        "4 of them", param="stop")
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    for name in ("stream_options", "stream_steps"):
+        if getattr(req, name) and not req.stream:
+            raise APIError(400, f"{name} is only allowed with stream: true", param=name)
     temperature = OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
     mode = req.mode or "diffusion"
     try:
@@ -327,7 +329,12 @@ def completion_body(head: dict, chat: bool, text: str, finish: str, usage: dict)
 
 
 def stream_chunks(head: dict, chat: bool, event: tuple, include_usage: bool) -> list[dict]:
-    """The chunks of one job event: ("delta", text) or ("done", text, finish_reason, usage)."""
+    """The chunks of one job event: ("delta", text), ("done", text, finish_reason, usage), or
+    ("step", {"block", "step", "tokens", "committed"}): one denoising step, sent only to a request
+    that set `stream_steps` (tokens: each position's text, null where still masked; committed:
+    the positions this step committed)."""
+    if event[0] == "step":
+        return [{**head, "object": "twotower.step", **event[1]}]
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     finish = event[2] if event[0] == "done" else None
     chunks = [{**head, "choices": [_choice(chat, event[1], finish, True)]}]

@@ -1,4 +1,5 @@
-"""The HTTP routes: POST /v1/completions and /v1/chat/completions, GET /v1/models[/{id}], /health."""
+"""The HTTP routes: POST /v1/completions and /v1/chat/completions, GET /v1/models[/{id}], /health,
+and the playground page (`page.py`)."""
 
 from __future__ import annotations
 
@@ -41,11 +42,18 @@ def create_app(model, tokenizer, config: p.ServeConfig | None = None) -> FastAPI
     def error_response(error: p.APIError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
 
-    app.exception_handler(p.APIError)(lambda request, error: error_response(error))
-    app.exception_handler(StarletteHTTPException)(lambda request, error: error_response(p.APIError(
-        error.status_code, str(error.detail), code={404: "not_found", 405: "method_not_allowed"}.get(error.status_code))))
-    app.exception_handler(Exception)(lambda request, error: error_response(
-        p.APIError(500, "internal server error", type="server_error")))
+    async def api_error(request: Request, error: p.APIError):
+        return error_response(error)
+
+    async def http_error(request: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return error_response(p.APIError(error.status_code, str(error.detail), code=code))
+
+    async def server_error(request: Request, error: Exception):
+        return error_response(p.APIError(500, "internal server error", type="server_error"))
+
+    for kind, handler in ((p.APIError, api_error), (StarletteHTTPException, http_error), (Exception, server_error)):
+        app.add_exception_handler(kind, handler)
 
     @app.middleware("http")
     async def same_site_only(request: Request, call_next):

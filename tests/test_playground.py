@@ -131,3 +131,25 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         browser.close()
     assert errors == []
     assert outside == [], outside
+
+
+def test_the_page_asks_for_the_key_of_a_server_that_needs_one(embedded):
+    playwright = pytest.importorskip("playwright.sync_api")
+    executable = chromium()
+    with background_server(create_app(*embedded, ServeConfig(api_key="page-key"))) as url, \
+            playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert not page.is_visible("#api_key")
+        page.select_option("#mode", "ar")
+        page.fill("#max_tokens", "4")
+        page.click("#generate")
+        page.wait_for_selector("#api_key", state="visible")
+        assert "API key" in page.text_content("#error")
+        page.fill("#api_key", "page-key")
+        page.click("#generate")
+        page.wait_for_selector("#figures[data-done=true]", timeout=60_000)
+        assert page.text_content("#error") == "" and page.text_content("#output .answer")
+        browser.close()

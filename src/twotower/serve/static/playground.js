@@ -3,7 +3,6 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let apiKey = "";
 
 function settings(mode) {
   const body = { prompt: $("prompt").value, mode, stream: true, stream_options: { include_usage: true },
@@ -21,7 +20,8 @@ function settings(mode) {
 // Stream one completion; onEvent gets each chunk (text chunks, "twotower.step" chunks, usage).
 async function stream(body, onEvent) {
   const headers = { "Content-Type": "application/json" };
-  if (apiKey) headers.Authorization = "Bearer " + apiKey;
+  const key = $("api_key").value;
+  if (key) headers.Authorization = "Bearer " + key;
   const response = await fetch("/v1/completions", { method: "POST", headers, body: JSON.stringify(body) });
   if (response.status === 401) {
     $("key-label").hidden = false;

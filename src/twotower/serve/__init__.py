@@ -3,7 +3,9 @@
 * `protocol`: the request and response format as pure functions (schemas, request -> `Sampling`,
   job events -> completion bodies and stream chunks, errors, who may ask);
 * `engine`: the worker thread that owns the model, the bounded queue, batching and admission;
+* `prompts`: the tokenizer's side; `stream`: a job's events as one JSON body or server-sent events;
 * `app`: the routes (POST /v1/completions, /v1/chat/completions; GET /v1/models, /health);
+* `page`: the playground at `/` (files in `static/`);
 * `cli`: the command line and uvicorn.
 
 Safe defaults: loopback only, an optional API key on every route but /health, Host and Origin

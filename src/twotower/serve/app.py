@@ -10,7 +10,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..tokenizer import IncrementalText
@@ -18,6 +18,7 @@ from . import protocol as p
 from .engine import Engine, Job
 from .page import add_page
 from .prompts import Prompts
+from .stream import answer, read_body
 
 
 def create_app(model, tokenizer, config: p.ServeConfig | None = None) -> FastAPI:
@@ -81,43 +82,7 @@ def create_app(model, tokenizer, config: p.ServeConfig | None = None) -> FastAPI
         engine.submit(job, config.request_timeout)
         events = job.events_until(request.is_disconnected, loop.time() + config.request_timeout)
         head = p.response_head(chat, config.model_name, uuid.uuid4().hex, int(time.time()))
-        try:
-            first = await anext(events, None)
-        except BaseException:
-            engine.withdraw(job)
-            raise
-        if first is None:  # the client went away while waiting
-            engine.withdraw(job)
-            return client_gone()
-        if not req.stream:
-            try:
-                parts, event = [first[1]], first
-                if first[0] != "done":
-                    async for event in events:
-                        parts.append(event[1])
-            finally:
-                engine.withdraw(job)
-            return (JSONResponse(p.completion_body(head, chat, "".join(parts), event[2], event[3]))
-                    if event[0] == "done" else client_gone())
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-
-        async def stream():
-            try:
-                for chunk in p.stream_opening(head, chat):
-                    yield p.sse(chunk)
-                for chunk in p.stream_chunks(head, chat, first, include_usage):
-                    yield p.sse(chunk)
-                if first[0] != "done":
-                    async for event in events:
-                        for chunk in p.stream_chunks(head, chat, event, include_usage):
-                            yield p.sse(chunk)
-                yield p.sse("[DONE]")
-            except p.APIError as error:
-                yield p.sse(error.body())
-            finally:
-                engine.withdraw(job)
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await answer(events, head, chat, req, lambda: engine.withdraw(job))
 
     add_page(app, model.config, config.max_tokens_limit)
 
@@ -155,23 +120,3 @@ def create_app(model, tokenizer, config: p.ServeConfig | None = None) -> FastAPI
                              sampling, True)
 
     return app
-
-
-def client_gone() -> JSONResponse:
-    """The answer to a client that has already left; nobody reads it, but the access log does."""
-    return JSONResponse(p.APIError(499, "the client closed the request", code="client_closed").body(),
-                        status_code=499)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) one larger than `limit` bytes without reading it all."""
-    too_large = p.APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import transformers
 
 LAYER_KINDS = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
+# each pattern letter's block type as the release's configuration_nemotron_h.py names it
+BLOCK_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 ROUTER_DTYPES = ("float32", "float64")
 
 
@@ -159,5 +161,6 @@ __all__ = [
     "kv_cache_bytes_per_token",
     "mamba_state_bytes",
     "LAYER_KINDS",
+    "BLOCK_TYPES",
     "NANO_30B_PATTERN",
 ]

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import twotower
-from conftest import CORPUS
+from conftest import story_text
 from twotower.default import DEFAULT_MODEL_DIR
 from twotower.hub import kept_dtype
 
@@ -43,12 +43,10 @@ def test_load_default_generates_in_every_mode():
         assert out.stats.generated_tokens >= 1
 
 
-def test_the_tokenizer_round_trips_the_corpus_characters():
+def test_the_tokenizer_round_trips_the_sample_characters():
     _, tokenizer = twotower.load_default()
-    chars = set()
-    for path in sorted(CORPUS.rglob("*.txt")):
-        chars |= set(path.read_text(encoding="utf-8"))
-    text = "".join(sorted(chars))
+    heldout = "".join(p.read_text(encoding="utf-8") for p in sorted((DEFAULT_MODEL_DIR / "heldout").iterdir()))
+    text = "".join(sorted(set(story_text() + heldout))) + " café 🙂 \t end"
     assert tokenizer.decode(tokenizer(text).input_ids) == text
     assert tokenizer.mask_token_id == 3 and tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 0
 

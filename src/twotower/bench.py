@@ -7,8 +7,9 @@ on every prompt batch, in an order that rotates from batch to batch, so drift of
 
 Quality: exact-match accuracy on the exact-answer tasks, per task kind, and the AR tower's
 perplexity of the story continuations. `quality_retained` is the mean over those tasks (each
-task kind, and the stories) of a setting's score relative to AR's; for perplexity, AR's over
-the setting's. A kind on which AR scores 0 has nothing to retain and is left out.
+task kind, and the stories) of a setting's score relative to AR's, each capped at 1; for
+perplexity, AR's over the setting's. A kind on which AR scores 0 has nothing to retain and is left
+out.
 
 Speed: generated tokens per second (prompt and padding never count), tokens per denoiser
 forward and denoiser and context forwards per token (one forward runs a whole batch), latency to
@@ -179,11 +180,12 @@ def _number(x: float) -> float | None:
 
 
 def quality_retained(row: dict, ar: dict) -> float | None:
-    """Mean over the task kinds and the stories of the row's score relative to AR's."""
+    """Mean over the task kinds and the stories of the row's score relative to AR's, each ratio
+    capped at 1: beating AR on one kind cannot hide a loss on another."""
     ratios = [row["accuracy_by_kind"][k] / a for k, a in ar["accuracy_by_kind"].items() if a > 0]
     if row["story_perplexity"] is not None and ar["story_perplexity"] is not None:
         ratios.append(ar["story_perplexity"] / row["story_perplexity"])
-    return statistics.mean(ratios) if ratios else None
+    return statistics.mean(min(r, 1.0) for r in ratios) if ratios else None
 
 
 def headline(rows: list[dict]) -> dict | None:

@@ -179,13 +179,15 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
                             None if positions is None else positions.to(device))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                diffusion_block_size: int | None = None, noise=None, generator: torch.Generator | None = None):
+                diffusion_block_size: int | None = None, noise=None, generator: torch.Generator | None = None,
+                loss_mask: torch.Tensor | None = None, certainty_weight: float = 0.0):
         """With `diffusion_block_size`: the masked-diffusion training loss of clean input_ids [b, n]
         as (sum over masked positions, their number), see `twotower.objectives`; going through
         forward lets DDP/FSDP wrappers see the training step. Otherwise: the context tower's causal
         LM logits [b, n, vocab] (float32)."""
         if diffusion_block_size is not None:
-            return masked_diffusion_loss(self, input_ids, diffusion_block_size, generator, noise)
+            return masked_diffusion_loss(self, input_ids, diffusion_block_size, generator, noise, loss_mask,
+                                         certainty_weight)
         h = self.context_tower(input_ids.to(self.context_device), None, attention_mask)
         return self.context_lm_head(h).float()
 

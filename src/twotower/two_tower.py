@@ -326,7 +326,10 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("generate() needs input_ids (a prompt of at least one token)")
         max_new_tokens, settings = generation_settings(config, self.config, input_ids.shape[1])
-        out = run_mode(self, chosen.name, input_ids, max_new_tokens, streamer=streamer, **{**settings, **extra})
+        attention_mask = extra.pop("attention_mask", None)
+        sampling, diffusion, options = split_settings("generate", {**settings, **extra, "streamer": streamer})
+        out = run_mode(self, chosen.name, input_ids, max_new_tokens, attention_mask=attention_mask,
+                       sampling=sampling, diffusion=diffusion, options=options)
         eos, pad = settings.get("eos_token_id"), config.pad_token_id
         if pad is None or eos is None or pad == (self.config.pad_token_id or 0):
             return out

@@ -47,8 +47,8 @@ class Block(nn.Module):
     """h + mixer(norm(h)); with `modulation` (shift, scale, gate) [b, d] each, the denoiser form:
 
     Mamba and attention modulate before the norm, MoE and MLP after it, and the gate scales
-    the mixer output before the residual add (adaLN-single, PixArt-alpha; the release's
-    `modeling_nemotron_h.py` denoiser blocks). `kind` is the block type: "mamba", "attention",
+    the mixer output before the residual add (adaLN-single, PixArt-alpha, arXiv:2310.00426).
+    `kind` is the block type: "mamba", "attention",
     "moe" or "mlp" (`config.BLOCK_TYPES`).
     """
 

@@ -1,5 +1,7 @@
 """Training objectives: next-token cross-entropy for a single-tower backbone, and the two-tower
-masked-diffusion loss (reference-spec section 1.3), vectorised over all blocks of a sequence.
+masked-diffusion loss (absorbing-state masked diffusion, Sahoo et al. 2024, arXiv:2406.07524, in
+the block-wise form of Arriola et al. 2025, "Block Diffusion", arXiv:2503.09573), vectorised over all
+blocks of a sequence.
 
 Both return (sum of per-target losses, number of targets), so gradient accumulation and data
 parallelism can average exactly over targets.

@@ -58,6 +58,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from .hub import unshare
+
 PARALLEL_MODES = ("ddp", "fsdp")
 
 
@@ -302,7 +304,7 @@ class Trainer:
         tmp, old = self.out_dir / "checkpoint.tmp", self.out_dir / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(_unshare(weights), tmp / "model.safetensors")
+        save_file(unshare(weights), tmp / "model.safetensors")
         torch.save(state, tmp / "state.pt")
         for path in (tmp / "model.safetensors", tmp / "state.pt", tmp):
             _fsync(path)
@@ -424,16 +426,6 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
     random.setstate((random.Random.VERSION, tuple(state["python"].tolist()), None if math.isnan(gauss) else gauss))
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied embeddings): give repeats their own copy."""
-    seen, out = set(), {}
-    for name, t in tensors.items():
-        storage = t.untyped_storage().data_ptr()
-        out[name] = t.clone(memory_format=torch.contiguous_format) if storage in seen else t.contiguous()
-        seen.add(storage)
-    return out
 
 
 def _fsync(path: Path) -> None:

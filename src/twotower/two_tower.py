@@ -1,5 +1,6 @@
 """The two-tower model: a frozen causal context tower and a denoiser tower that fills one block
-of `block_size` positions at a time by mask diffusion (reference-spec sections 1.2-1.5).
+of `block_size` positions at a time by mask diffusion (Nemotron-Labs-TwoTower; block diffusion as in
+Arriola et al. 2025, arXiv:2503.09573).
 
 Parameter names and shapes are the release's (`context_tower.*`, `context_lm_head`,
 `denoiser_tower.*`, `lm_head`, `t_embedder.mlp.{0,2}`, `t_block.1`, `scale_shift_tables.{i}`),

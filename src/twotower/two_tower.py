@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .cache import HybridCache
 from .config import NemotronHConfig
-from .generation import (GenerateOutput, GenerationStats, after_eos, decode_ar, finish_generation,
-                         refuse_step_callback, start_run, until_eos)
+from .generation import (GenerateOutput, GenerationStats, decode_ar, finish_generation, refuse_step_callback,
+                         start_run, streamed_part, until_eos)
 from .hub import to_dtype
 from .linear import Linear
 from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
@@ -362,15 +362,6 @@ def mamba_by_blocks(layer, h: torch.Tensor, state, modulation, block_size: int) 
     start = None if state is None else tuple(s.flatten(0, 1) for s in state)
     out, _ = layer(per_block, start, modulation=modulation, keep_state=False)
     return out.reshape(b, blocks * block_size, d)[:, :n]
-
-
-def streamed_part(block: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
-    """What of a committed block [b, L] a streamer gets: each row through its EOS, pad after it,
-    and no column after the last row's EOS (a single row's stream ends at its EOS)."""
-    if eos_token_id is None:
-        return block
-    after = after_eos(block, eos_token_id)
-    return block.masked_fill(after, pad_token_id)[:, :int((~after).sum(-1).max())]
 
 
 @dataclass

@@ -12,10 +12,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import randomize, tiny_config
 from twotower import NemotronHForCausalLM, TwoTowerConfig, TwoTowerForCausalLM, nemotron_3_nano_30b_config
-from twotower.modes import MODES as MODE_TABLE
-from twotower.modes import run_mode
 from twotower.generation import GenerationStats, RowStreamer, StopGeneration
 from twotower.modeling import causal_mask
+from twotower.modes import MODES as MODE_TABLE
+from twotower.modes import run_mode
 from twotower.norm import gated_group_rms_norm
 from twotower.ssd import ssd_sequential
 from twotower.time_conditioning import modulate

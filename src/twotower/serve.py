@@ -10,8 +10,9 @@ a client that goes away, or whose answer hit a stop string, stops taking part in
 
 Safe defaults: loopback only, an optional API key on every route but /health, limits on body
 size, prompt length and max_tokens, and an OpenAI-style 4xx error body for every bad request.
-Beyond the OpenAI parameters a request may set `mode` (diffusion, mock-ar, ar), `block_size`,
-`steps_per_block`, `confidence_threshold` and `top_k`; `usage.tokens_per_denoiser_forward`
+Beyond the OpenAI parameters a request may set `mode` (a name in `modes.MODES`: diffusion,
+mock-ar, ar), `block_size`, `steps_per_block`, `confidence_threshold`, `unmasking` (a rule of
+`sampler.UNMASKING_RULES`) and `top_k`; `usage.tokens_per_denoiser_forward`
 reports how many tokens each denoiser forward produced for it.
 """
 

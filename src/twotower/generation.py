@@ -227,6 +227,15 @@ def after_eos(new: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return is_eos.cumsum(-1) - is_eos > 0
 
 
+def streamed_part(block: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+    """What of a committed block [b, L] a streamer gets: each row through its EOS, pad after it,
+    and no column after the last row's EOS (a single row's stream ends at its EOS)."""
+    if eos_token_id is None:
+        return block
+    after = after_eos(block, eos_token_id)
+    return block.masked_fill(after, pad_token_id)[:, :int((~after).sum(-1).max())]
+
+
 def finish_generation(input_ids: torch.Tensor, new: torch.Tensor, run: Run):
     """Trim after EOS (and the columns after every row's EOS), count generated tokens (up to and
     including EOS), close the streamer, build the result."""

@@ -111,11 +111,11 @@ class _Request(BaseModel):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     user: str | None = None
-    mode: Literal[tuple(MODES)] | None = None
+    mode: str | None = None  # a name in MODES, checked when the request is read (modes may be registered late)
     block_size: int | None = Field(None, ge=1, le=256)
     steps_per_block: int | None = Field(None, ge=1, le=1024)
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    unmasking: Literal[tuple(UNMASKING_RULES)] | None = None
+    unmasking: str | None = None  # a name in sampler.UNMASKING_RULES
     stream_steps: bool | None = None  # also stream every denoising step ("twotower.step" chunks)
 
 
@@ -239,6 +239,11 @@ def sampling_of(req: _Request, config: ServeConfig, model_defaults: dict, max_to
             raise APIError(400, f"{name} is only allowed with stream: true", param=name)
     temperature = OPENAI_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
     mode = req.mode or "diffusion"
+    if mode not in MODES:
+        raise APIError(400, f"mode must be one of {list(MODES)}, got {mode[:100]!r}", param="mode")
+    if req.unmasking is not None and req.unmasking not in UNMASKING_RULES:
+        raise APIError(400, f"unmasking must be one of {list(UNMASKING_RULES)}, got {req.unmasking[:100]!r}",
+                       param="unmasking")
     try:
         sampling = SamplingParams() if temperature < MIN_TEMPERATURE else SamplingParams(
             temperature, req.top_k, req.top_p, seed=req.seed)

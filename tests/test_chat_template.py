@@ -1,10 +1,8 @@
 """A chat template ships with every tokenizer (the embedded model's and each one the recipe
-trains): `apply_chat_template` and `pipeline(messages)` work, and the server formats chats with the
-tokenizer's own template."""
+trains): `apply_chat_template` and `pipeline(messages)` work (the server's use of it is tested with
+the server)."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import transformers
 
 from conftest import story_text
 from twotower.default import DEFAULT_MODEL_DIR, load_model
-from twotower.tokenizer import CHAT_TEMPLATE, format_chat, load_tokenizer, train_tokenizer
+from twotower.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
@@ -46,34 +44,3 @@ def test_pipeline_takes_messages(embedded):
     ids = tokenizer(TRANSCRIPT + "\nAssistant:", return_tensors="pt").input_ids
     expected = tokenizer.decode(model.generate_ar(ids, max_new_tokens=6)[0, ids.shape[1]:], skip_special_tokens=True)
     assert out[-1]["content"] == expected
-
-
-def test_format_chat_uses_the_tokenizers_own_template(embedded):
-    tokenizer = copy.deepcopy(embedded[1])
-    assert format_chat(tokenizer, MESSAGES[1:2]) == "User: Hi\nAssistant:"
-    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}|"
-    assert format_chat(tokenizer, MESSAGES[1:2]) == "<user>Hi|"
-    tokenizer.chat_template = None
-    assert format_chat(tokenizer, MESSAGES[1:2]) == "User: Hi\nAssistant:"  # the default for template-less ones
-
-
-def test_the_server_formats_chats_with_the_template(embedded):
-    openai = pytest.importorskip("openai")
-    pytest.importorskip("uvicorn")
-    from twotower.serve import ServeConfig, background_server, create_app
-    model, tokenizer = embedded
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} and {% endfor %}"
-                               "{% if add_generation_prompt %}then{% endif %}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with background_server(create_app(model, tokenizer, ServeConfig(model_name="m"))) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-            kw = dict(model="m", max_tokens=6, temperature=0.0, extra_body={"mode": "ar"})
-            chat = client.chat.completions.create(messages=[{"role": "user", "content": "The dog"}], **kw)
-            plain = client.completions.create(prompt="The dog and then", **kw)
-    finally:
-        torch.set_num_threads(threads)
-    assert chat.usage.prompt_tokens == len(tokenizer("The dog and then").input_ids) == plain.usage.prompt_tokens
-    assert chat.choices[0].message.content == plain.choices[0].text

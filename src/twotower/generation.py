@@ -228,6 +228,15 @@ def after_eos(new: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return is_eos.cumsum(-1) - is_eos > 0
 
 
+def streamed_part(block: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+    """What of a committed block [b, L] a streamer gets: each row through its EOS, pad after it,
+    and no column after the last row's EOS (a single row's stream ends at its EOS)."""
+    if eos_token_id is None:
+        return block
+    after = after_eos(block, eos_token_id)
+    return block.masked_fill(after, pad_token_id)[:, :int((~after).sum(-1).max())]
+
+
 def finish_generation(input_ids: torch.Tensor, new: torch.Tensor, run: Run):
     """Trim after EOS (and the columns after every row's EOS), count generated tokens (up to and
     including EOS), close the streamer, build the result."""
@@ -249,14 +258,16 @@ def transformers_generate(model, input_ids, generation_config, streamer, kwargs:
     """transformers' `generate(input_ids, generation_config, streamer, **kwargs)` for either model
     class: `generation_config` (default: `model.generation_config`) updated by `kwargs` gives the
     settings (see `params.generation_settings`); keyword arguments that are not generation fields
-    pass through. `run(config, input_ids, max_new_tokens, **settings)` generates. A generation
+    pass through. `run(config, input_ids, max_new_tokens, attention_mask, settings)` generates,
+    `settings` being the settings objects' fields by name (`params.split_settings`). A generation
     config's `pad_token_id` other than the model's pads each row after its EOS."""
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     extra = config.update(**kwargs)
     if input_ids is None:
         raise ValueError("generate() needs input_ids (a prompt of at least one token)")
     max_new_tokens, settings = generation_settings(config, model.config, input_ids.shape[1])
-    out = run(config, input_ids, max_new_tokens, streamer=streamer, **{**settings, **extra})
+    attention_mask = extra.pop("attention_mask", None)
+    out = run(config, input_ids, max_new_tokens, attention_mask, {**settings, **extra, "streamer": streamer})
     eos, pad = settings.get("eos_token_id"), config.pad_token_id
     if pad is None or eos is None or pad == (model.config.pad_token_id or 0):
         return out

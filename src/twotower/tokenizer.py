@@ -93,13 +93,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def format_chat(tokenizer, messages: list[dict]) -> str:
-    """The prompt text of a chat: the tokenizer's own chat template, or `CHAT_TEMPLATE` for a
-    tokenizer without one, ending with the assistant's turn to speak."""
-    return tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or CHAT_TEMPLATE,
-                                         tokenize=False, add_generation_prompt=True)
-
-
 def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerFast:
     """Load a tokenizer saved by `train_tokenizer` (or any folder with a `tokenizer.json`)."""
     path = Path(path)

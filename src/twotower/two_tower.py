@@ -1,5 +1,6 @@
 """The two-tower model: a frozen causal context tower and a denoiser tower that fills one block
-of `block_size` positions at a time by mask diffusion (reference-spec sections 1.2-1.5).
+of `block_size` positions at a time by mask diffusion (Nemotron-Labs-TwoTower; block diffusion as in
+Arriola et al. 2025, arXiv:2503.09573).
 
 Parameter names and shapes are the release's (`context_tower.*`, `context_lm_head`,
 `denoiser_tower.*`, `lm_head`, `t_embedder.mlp.{0,2}`, `t_block.1`, `scale_shift_tables.{i}`),
@@ -21,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .cache import HybridCache
 from .config import NemotronHConfig
-from .generation import (GenerationStats, after_eos, decode_ar, finish_generation, refuse_step_callback, start_run,
-                         transformers_generate, until_eos)
+from .generation import (GenerationStats, decode_ar, finish_generation, refuse_step_callback, start_run,
+                         streamed_part, transformers_generate)
 from .hub import to_dtype
 from .linear import Linear
 from .modeling import LMInputs, NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel, causal_lm_forward
@@ -147,13 +149,36 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         """adaLN-single: t [b] -> [b, 3, H], shared by all layers before each adds its own table."""
         return self.t_block(self.t_embedder(t)).unflatten(-1, (3, -1))
 
+    def denoise(self, x: torch.Tensor, t: torch.Tensor | None, context_states: list, attention_mask,
+                block_size: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser forward, for generation (one block) and for the training loss (every block
+        of a sequence at once).
+
+        x [b, n]: blocks of `block_size` positions, mask tokens where unknown (a short last block
+        is padded at its end inside, which causal Mamba and the masked attention cannot see).
+        t [b]: diffusion time (None: no time conditioning, as mock-AR). context_states: per layer,
+        the context tower's attention (K, V) [b, kv_heads, keys, d], and for Mamba the (conv, ssm)
+        state entering each block [b, blocks, ...] (None: zeros); None for MoE and MLP layers.
+        attention_mask: bool over keys [context ; x], broadcastable to [b, 1, n, keys], or None
+        (every key). Returns float32 logits [b, n, vocab], or [count, vocab] at the True entries
+        of `positions` [b, n] in row-major order (the sampler and the loss read masked positions
+        only, so the head runs there alone)."""
+        t_emb = None if t is None else self.time_embedding(t)
+        h = self.denoiser_tower.embeddings(x)
+        for i, layer in enumerate(self.denoiser_tower.layers):
+            modulation = None if t_emb is None else (self.scale_shift_tables[i][None] + t_emb).unbind(1)
+            if layer.kind == "mamba":
+                h = mamba_by_blocks(layer, h, context_states[i], modulation, block_size)
+            else:
+                h, _ = layer(h, context_states[i], mask=attention_mask, modulation=modulation, keep_state=False)
+        if positions is not None:
+            h = h[positions]
+        return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+
     def denoise_block(self, x: torch.Tensor, t: torch.Tensor | None, context: HybridCache,
                       positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoiser logits for one block. x [b, L] (mask tokens where unknown), t [b] diffusion time
-        (None: no time conditioning, as mock-AR), context: the context tower's cache after the
-        committed prefix (not modified). Returns float32 logits [b, L, vocab], or [n, vocab] for the
-        n True entries of `positions` [b, L] in row-major order: the sampler only reads the masked
-        positions, so generation runs the head on those alone."""
+        """`denoise` for one block x [b, L] after the prefix whose context tower cache is `context`
+        (not modified; moved to the denoiser's device if needed), as generation runs it."""
         device = self.denoiser_device
         context = context.to(device)  # a no-op in generate, which moves it once per block
         x = x.to(device)
@@ -162,14 +187,10 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         if context.pad_mask is not None:  # hide the prompts' left padding
             mask = torch.cat([context.pad_mask.to(device), torch.ones(b, l, dtype=torch.bool, device=device)], 1)
             mask = mask[:, None, None, :]
-        t_emb = None if t is None else self.time_embedding(t.to(device))
-        h = self.denoiser_tower.embeddings(x)
-        for i, layer in enumerate(self.denoiser_tower.layers):
-            modulation = None if t_emb is None else (self.scale_shift_tables[i][None] + t_emb).unbind(1)
-            h, _ = layer(h, context.states[i], mask, None, modulation, return_state=False)
-        if positions is not None:
-            h = h[positions.to(device)]
-        return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+        states = [tuple(s[:, None] for s in state) if layer.kind == "mamba" and state is not None else state
+                  for layer, state in zip(self.denoiser_tower.layers, context.states)]
+        return self.denoise(x, None if t is None else t.to(device), states, mask, l,
+                            None if positions is None else positions.to(device))
 
     def config_to_save(self) -> TwoTowerConfig:
         """The config with `auto_map`, so that `AutoModelForCausalLM.from_pretrained(folder,
@@ -357,9 +378,11 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         any field of the settings objects) pass through. Settings this model cannot honour (beams,
         penalties, ...) are errors.
         """
-        def run(config, ids, max_new_tokens, **settings):
+        def run(config, ids, max_new_tokens, attention_mask, settings: dict):
             chosen = get_mode(mode or getattr(config, "mode", None) or "ar")
-            return run_mode(self, chosen.name, ids, max_new_tokens, **settings)
+            sampling, diffusion, options = split_settings("generate", settings)
+            return run_mode(self, chosen.name, ids, max_new_tokens, attention_mask=attention_mask,
+                            sampling=sampling, diffusion=diffusion, options=options)
 
         return transformers_generate(self, input_ids, generation_config, streamer, kwargs, run)
 
@@ -373,13 +396,19 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         return finish_generation(input_ids, decode_ar(step, rows, next_logits(rows), max_new_tokens, run), run)
 
 
-def streamed_part(block: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
-    """What of a committed block [b, L] a streamer gets: each row through its EOS, pad after it,
-    and no column after the last row's EOS (a single row's stream ends at its EOS)."""
-    if eos_token_id is None:
-        return block
-    after = after_eos(block, eos_token_id)
-    return block.masked_fill(after, pad_token_id)[:, :int((~after).sum(-1).max())]
+def mamba_by_blocks(layer, h: torch.Tensor, state, modulation, block_size: int) -> torch.Tensor:
+    """A denoiser Mamba block over h [b, n, d] one block of `block_size` at a time, every block
+    starting from its own entering state (conv, ssm) [b, blocks, ...] (None: zeros): the blocks
+    run as a batch of b * blocks sequences."""
+    b, n, d = h.shape
+    blocks = -(-n // block_size)
+    pad = blocks * block_size - n
+    per_block = (F.pad(h, (0, 0, 0, pad)) if pad else h).reshape(b * blocks, block_size, d)
+    if modulation is not None and blocks > 1:
+        modulation = [m.repeat_interleave(blocks, dim=0) for m in modulation]
+    start = None if state is None else tuple(s.flatten(0, 1) for s in state)
+    out, _ = layer(per_block, start, modulation=modulation, keep_state=False)
+    return out.reshape(b, blocks * block_size, d)[:, :n]
 
 
 @dataclass

@@ -35,7 +35,8 @@ def kept_columns(pad_mask: torch.Tensor | None, start: int, lengths: torch.Tenso
     """The layout after row r keeps `lengths[r]` of the positions that follow the first `start`.
 
     Rows are right-aligned (row r shifted right by max(lengths) - lengths[r]) and the leading
-    slots that are then padding in every row dropped. pad_mask [b, start + l] or None (all real).
+    slots that are then padding in every row dropped. pad_mask [b, start + l] or [b, start] (the
+    positions kept are real) or None (all real).
     Returns (column [b, s']: the old slot each new slot holds, negative where it is padding;
     real [b, s'] bool), on the CPU. The sequence a cache covers is laid out by the same columns."""
     lengths = lengths.long().cpu()
@@ -43,7 +44,8 @@ def kept_columns(pad_mask: torch.Tensor | None, start: int, lengths: torch.Tenso
     column = torch.arange(start + width)[None, :] - (width - lengths)[:, None]
     real = column >= 0
     if pad_mask is not None:
-        real &= pad_mask.cpu().gather(1, column.clamp(min=0))
+        pad_mask = torch.cat([pad_mask[:, :start].cpu(), torch.ones(len(lengths), width, dtype=torch.bool)], 1)
+        real &= pad_mask.gather(1, column.clamp(min=0))
     first = int(real.any(0).long().argmax())
     return column[:, first:], real[:, first:]
 

@@ -66,9 +66,18 @@ def commit_confident(x: torch.Tensor, logits: torch.Tensor, step: int, steps: in
     masked = x == mask_token_id
     pred, conf = predict(logits, mask_token_id, temperature, top_k, top_p, generator)
     pred = x.masked_scatter(masked, pred)
-    conf = torch.full(x.shape, float("-inf"), device=x.device).masked_scatter(masked, conf)
+    committed = positions_to_commit(masked, conf, step, steps, threshold)
+    return torch.where(committed, pred, x), committed
+
+
+def positions_to_commit(masked: torch.Tensor, confidence: torch.Tensor, step: int, steps: int,
+                        threshold: float) -> torch.Tensor:
+    """The masked positions committed at this step: each row's `tokens_to_commit` most confident
+    (ties to the left). masked [b, L] bool, confidence [n] for the n masked positions in row-major
+    order -> [b, L] bool."""
+    conf = torch.full(masked.shape, float("-inf"), device=masked.device).masked_scatter(masked, confidence)
     k = tokens_to_commit(masked, conf, step, steps, threshold)
     order = conf.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
-    committed = masked & (rank < k[:, None])
-    return torch.where(committed, pred, x), committed
+    positions = torch.arange(masked.shape[1], device=masked.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return masked & (rank < k[:, None])

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
-from .cache import HybridCache
+from .cache import HybridCache, kept_columns
 from .config import NemotronHConfig
 from .generation import (GenerateOutput, GenerationStats, check_sampling_args, decode_ar, finish_generation,
                          until_eos, validate_prompt)
@@ -30,6 +30,7 @@ from .linear import Linear
 from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
 from .objectives import masked_diffusion_loss
 from .sampler import block_time, commit_confident
+from .speculative import Sampling, SpeculativeParams, generate_speculative
 from .time_conditioning import TimestepEmbedder
 
 
@@ -48,7 +49,7 @@ class TwoTowerConfig(NemotronHConfig):
         super().__post_init__(**kwargs)
 
 
-GENERATION_MODES = ("diffusion", "mock-ar", "ar")
+GENERATION_MODES = ("diffusion", "speculative", "mock-ar", "ar")
 DIFFUSION_SETTINGS = ("block_size", "steps_per_block", "confidence_threshold", "mask_token_id")
 # generation-config fields `generate` cannot honour, with the value that means "off"
 UNSUPPORTED_SETTINGS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
@@ -281,6 +282,31 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         return finish_generation(input_ids, out[:, :max_new_tokens], eos_token_id, pad, stats, start, streamer,
                                  return_dict_in_generate)
 
+    def generate_speculative(self, input_ids: torch.Tensor, max_new_tokens: int = 128, block_size: int | None = None,
+                             draft_steps: int = 1, confidence_threshold: float | None = None,
+                             mask_token_id: int | None = None, temperature: float = 0.0,
+                             eos_token_id: int | None = None, top_k: int | None = None, top_p: float | None = None,
+                             **options):
+        """Lossless draft-and-verify decoding: each round the denoiser drafts a block in
+        `draft_steps` steps and the context tower checks it in one forward; the agreeing prefix
+        and one AR token are committed (see `twotower.speculative`). Greedy, the tokens are
+        `generate_ar`'s; sampled, their distribution is.
+
+        `options`: attention_mask, generator, streamer (tokens in lockstep across rows),
+        step_callback (every draft step), use_cache, return_dict_in_generate, stats (with
+        drafted and accepted tokens per row and round). Returns what `generate_ar` returns.
+        """
+        unknown = set(options) - {"attention_mask", "generator", "streamer", "step_callback", "use_cache",
+                                  "return_dict_in_generate", "stats"}
+        if unknown:
+            raise TypeError(f"generate_speculative() got unexpected arguments {sorted(unknown)}")
+        c = self.config
+        params = SpeculativeParams(c.block_size if block_size is None else block_size, draft_steps,
+                                   c.confidence_threshold if confidence_threshold is None else confidence_threshold,
+                                   c.mask_token_id if mask_token_id is None else mask_token_id)
+        return generate_speculative(self, input_ids, max_new_tokens, params, Sampling(temperature, top_k, top_p),
+                                    eos_token_id, options)
+
     @torch.no_grad()
     def generate_mock_ar(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                          eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
@@ -403,6 +429,14 @@ class _Rows:
         self.seq = torch.cat([self.seq, tokens], dim=1)
         if self.mask is not None:
             self.mask = torch.cat([self.mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+
+    def keep_prefixes(self, block: torch.Tensor, kept: torch.Tensor, pad_token_id: int) -> None:
+        """Append the first kept[r] tokens of block [b, L] to row r, laid out as
+        `HybridCache.keep_prefixes` lays out the context cache (rows right-aligned)."""
+        column, real = kept_columns(self.mask, self.seq.shape[1], kept)
+        seq = torch.cat([self.seq, block], dim=1)
+        self.seq = seq.gather(1, column.clamp(min=0)).masked_fill(~real, pad_token_id)
+        self.mask = None if bool(real.all()) else real
 
     def select(self, keep: torch.Tensor) -> "_Rows":
         keep = keep.cpu()

@@ -3,12 +3,19 @@ sampled outputs distributed as AR's."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from importlib.resources import files
+
 import pytest
 import torch
+from scipy.stats import chi2
 
 from conftest import randomize, tiny_config
-from twotower import NemotronHForCausalLM
+from test_two_tower import build
+from twotower import NemotronHForCausalLM, load_default
 from twotower.evaluate import left_pad
+from twotower.speculative import Sampling
 from twotower.ssd import ssd_sequential, ssd_state_after
 
 # ---------------------------------------------------------------- rolling the context back
@@ -84,3 +91,117 @@ def test_keep_prefixes_checks_its_input():
             tower(torch.tensor([[7]]), cache)
         with pytest.raises(ValueError, match=r"in \[1, 3\]"):
             cache.keep_prefixes(torch.tensor([4]))
+
+
+# ---------------------------------------------------------------- greedy: AR's tokens
+
+def small_vocab_model(pattern="M*EM-E*M", seed=0, vocab_size=12):
+    """A random two-tower model over a vocabulary of 12 (8 ordinary tokens), so that drafts are
+    often accepted and rows of a batch keep different prefixes."""
+    return build(seed=seed, head_std=2.0, pattern=pattern, vocab_size=vocab_size)
+
+
+def ragged_prompts(seed, lengths=(3, 7, 1, 5), vocab_size=12):
+    g = torch.Generator().manual_seed(seed)
+    return left_pad([torch.randint(4, vocab_size, (n,), generator=g).tolist() for n in lengths], 0)
+
+
+@pytest.mark.parametrize("pattern", ["M*EM-E*M", "*E", "M-"])
+@pytest.mark.parametrize("block_size", [1, 2, 5, 8])
+@pytest.mark.parametrize("draft_steps", [1, 2, 3])
+def test_greedy_equals_ar_token_for_token(pattern, block_size, draft_steps):
+    model = small_vocab_model(pattern)
+    ids, mask = ragged_prompts(block_size)
+    kw = dict(attention_mask=mask, max_new_tokens=19)
+    ar = model.generate_ar(ids, **kw)
+    spec = model.generate_speculative(ids, block_size=block_size, draft_steps=draft_steps,
+                                      return_dict_in_generate=True, **kw)
+    reference = model.generate_speculative(ids, block_size=block_size, draft_steps=draft_steps, use_cache=False, **kw)
+    assert spec.sequences.tolist() == ar.tolist() == reference.tolist()
+    if block_size >= 5:  # drafts were accepted, by rows in different numbers in some round
+        rounds = list(zip(*(r.accepted_per_round for r in spec.stats.speculation)))
+        assert spec.stats.accepted_tokens > 0 and any(len(set(r)) > 1 for r in rounds)
+
+
+@pytest.mark.parametrize("draft_steps", [1, 3])
+def test_greedy_with_eos_equals_ar(draft_steps):
+    model = small_vocab_model(seed=1)
+    ids, mask = ragged_prompts(4)
+    free = model.generate_ar(ids, attention_mask=mask, max_new_tokens=16)[:, ids.shape[1]:]
+    eos = int(free[1, 4])  # a token row 1 produces early
+    kw = dict(attention_mask=mask, max_new_tokens=16, eos_token_id=eos)
+    ar = model.generate_ar(ids, **kw)
+    spec = model.generate_speculative(ids, block_size=6, draft_steps=draft_steps, **kw)
+    assert spec.tolist() == ar.tolist()
+    assert (spec[:, ids.shape[1]:] == eos).any()
+
+
+def test_embedded_model_equals_ar_on_held_out_prompts():
+    model, tokenizer = load_default()
+    held = files("twotower") / "default_model" / "heldout"
+    stories = [json.loads(line)["prompt"] for line in (held / "stories.jsonl").read_text().splitlines()[:3]]
+    tasks = [json.loads(line)["prompt"] for line in (held / "tasks.jsonl").read_text().splitlines()[:2]]
+    ids, mask = left_pad([tokenizer(p).input_ids for p in stories + tasks], tokenizer.pad_token_id)
+    kw = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=tokenizer.eos_token_id)
+    ar = model.generate_ar(ids, **kw)
+    for block_size, draft_steps in [(4, 1), (16, 2)]:
+        spec = model.generate_speculative(ids, block_size=block_size, draft_steps=draft_steps,
+                                          return_dict_in_generate=True, **kw)
+        assert spec.sequences.tolist() == ar.tolist(), (block_size, draft_steps)
+        assert spec.stats.tokens_per_round > 1.5  # the trained denoiser's drafts are often right
+
+
+# ---------------------------------------------------------------- sampling: AR's distribution
+
+def ar_distribution(model, prompt: list[int], n: int, sampling: Sampling) -> dict[tuple, float]:
+    """The exact probability of every n-token continuation under AR sampling (temperature, top-k,
+    top-p), by expanding the tree of continuations with nonzero probability."""
+    paths = {(): 1.0}
+    for _ in range(n):
+        prefixes = list(paths)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + list(p) for p in prefixes]))[:, -1]
+        probs = sampling.probs(logits)
+        paths = {p + (t,): paths[p] * float(probs[i, t]) for i, p in enumerate(prefixes)
+                 for t in probs[i].nonzero()[:, 0].tolist()}
+    return paths
+
+
+def chi_square_p_value(samples: list[tuple], expected: dict[tuple, float]) -> float:
+    """Pearson's goodness of fit of the samples to `expected`; bins expecting fewer than 5
+    samples are pooled into one."""
+    n, counts = len(samples), Counter(samples)
+    assert set(counts) <= set(expected), "a continuation AR can never produce"
+    big = [s for s, p in expected.items() if p * n >= 5]
+    observed = [counts[s] for s in big] + [n - sum(counts[s] for s in big)]
+    wanted = [expected[s] * n for s in big] + [n - sum(expected[s] * n for s in big)]
+    if wanted[-1] < 5:  # too little to pool: fold the rest into the smallest bin
+        observed, wanted = observed[:-1], wanted[:-1]
+        observed[-1] += n - sum(observed)
+        wanted[-1] += n - sum(wanted)
+    statistic = sum((o - w) ** 2 / w for o, w in zip(observed, wanted))
+    return float(chi2.sf(statistic, len(observed) - 1))
+
+
+@pytest.mark.parametrize("sampling,draft_steps", [
+    (Sampling(1.0, 3, None), 1),
+    (Sampling(0.7, 3, 0.9), 2),
+    (Sampling(1.3, 3, None), 3),
+])
+def test_sampled_continuations_are_distributed_as_ar(sampling, draft_steps):
+    """4,000 rows of one batch (independent draws from one seeded generator), 4 tokens each: the
+    first from the prompt, then a round of 2 drafts and one AR token. Their joint distribution
+    fits AR's exact one (chi-square, significance 0.001), and the same test rejects the
+    distribution of AR at another temperature (it can fail)."""
+    model = small_vocab_model(seed=3, vocab_size=8)
+    prompt, n, rows = [5, 7, 4, 6], 4, 4000
+    out = model.generate_speculative(torch.tensor([prompt] * rows), max_new_tokens=n, block_size=4,
+                                     draft_steps=draft_steps, temperature=sampling.temperature, top_k=sampling.top_k,
+                                     top_p=sampling.top_p, generator=torch.Generator().manual_seed(0),
+                                     return_dict_in_generate=True)
+    samples = [tuple(row) for row in out.sequences[:, len(prompt):].tolist()]
+    assert chi_square_p_value(samples, ar_distribution(model, prompt, n, sampling)) > 1e-3
+    stats = out.stats
+    assert 0 < stats.accepted_tokens < stats.drafted_tokens  # accepted some, rejected some
+    other = Sampling(sampling.temperature * 1.5, sampling.top_k, sampling.top_p)
+    assert chi_square_p_value(samples, ar_distribution(model, prompt, n, other)) < 1e-6

@@ -67,7 +67,11 @@ def perplexity(nll_and_counts) -> float:
 
 
 def generate(model, mode: str, ids, **kw):
-    """Dispatch to a generation mode; diffusion-only settings are dropped for the AR modes."""
+    """Dispatch to a generation mode; settings a mode does not have are dropped (the diffusion
+    ones for the AR modes, steps_per_block for speculative, draft_steps for the others)."""
+    if mode == "speculative":
+        return model.generate_speculative(ids, **{k: v for k, v in kw.items() if k != "steps_per_block"})
+    kw.pop("draft_steps", None)
     if mode == "diffusion":
         return model.generate_mask_diffusion(ids, **kw)
     kw = {k: v for k, v in kw.items() if k not in (*DIFFUSION_SETTINGS, "step_callback")}

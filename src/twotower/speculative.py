@@ -250,5 +250,5 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int, pa
             stats.speculation[r].accepted_per_round.append(k - 1)
         commit([block[i, 1:k].tolist() + [int(pending[i])] for i, k in enumerate(kept.tolist())])
         round_index += 1
-    return finish_generation(input_ids, out, eos_token_id, pad, stats, start, o["streamer"],
+    return finish_generation(input_ids, out[:, :int(counts.max())], eos_token_id, pad, stats, start, o["streamer"],
                              o["return_dict_in_generate"])

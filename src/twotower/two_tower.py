@@ -352,8 +352,9 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         max_new_tokens (or max_length), do_sample with temperature / top_k / top_p (unset: no
         filter), eos_token_id, pad_token_id, use_cache and return_dict_in_generate. `mode`, else
         `generation_config.mode`, else "ar", picks "diffusion" (`generate_mask_diffusion`),
-        "mock-ar" or "ar". The diffusion settings (block_size, steps_per_block,
-        confidence_threshold, mask_token_id) may also be set on the generation config; other
+        "speculative" (`generate_speculative`), "mock-ar" or "ar". The diffusion settings
+        (block_size, steps_per_block, confidence_threshold, mask_token_id, and draft_steps for
+        speculative) may also be set on the generation config; other
         keyword arguments of the chosen function (attention_mask, generator, step_callback) pass
         through. Settings this model cannot honour (beams, penalties, ...) are errors.
         """
@@ -385,6 +386,11 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
             for name in DIFFUSION_SETTINGS:
                 common.setdefault(name, getattr(config, name, None))
             out = self.generate_mask_diffusion(input_ids, **common)
+        elif mode == "speculative":
+            for name in ("block_size", "confidence_threshold", "mask_token_id"):
+                common.setdefault(name, getattr(config, name, None))
+            common.setdefault("draft_steps", getattr(config, "draft_steps", None) or 1)
+            out = self.generate_speculative(input_ids, **common)
         elif mode == "mock-ar":
             out = self.generate_mock_ar(input_ids, **common)
         else:

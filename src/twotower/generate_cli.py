@@ -1,4 +1,4 @@
-"""`twotower generate PROMPT`: text from the embedded model (or --model) in any of the three modes.
+"""`twotower generate PROMPT`: text from the embedded model (or --model) in any mode.
 
 Diffusion output streams block by block; `--show-steps` redraws the block being denoised after
 every step, masked positions as `_`, so the order in which tokens are committed can be watched.
@@ -22,11 +22,12 @@ def add_arguments(p) -> None:
     p.add_argument("--block-size", type=int, default=None, help="default: the model's (16)")
     p.add_argument("--steps-per-block", type=int, default=None, help="default: the model's (16)")
     p.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the model's, 0.8)")
+    p.add_argument("--draft-steps", type=int, default=1, help="denoising steps of a speculative draft")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show-steps", action="store_true", help="draw every denoising step (diffusion)")
+    p.add_argument("--show-steps", action="store_true", help="draw every denoising step (diffusion, speculative)")
     p.add_argument("--stats", action="store_true", help="print forwards, tokens per forward and tokens/s")
 
 
@@ -80,7 +81,7 @@ def run(args) -> int:
     sys.stdout.write(args.prompt)
     stream = None if args.show_steps else TextStream(tokenizer)
     callback = None
-    if args.show_steps and args.mode == "diffusion":
+    if args.show_steps and args.mode in ("diffusion", "speculative"):
         sys.stdout.write("\n")
         mask_id = model.config.mask_token_id
 
@@ -88,7 +89,8 @@ def run(args) -> int:
             print(render_step(tokenizer, step, mask_id), flush=True)
     try:
         out = generate(model, args.mode, ids, block_size=args.block_size, steps_per_block=args.steps_per_block,
-                       confidence_threshold=args.threshold, streamer=stream, step_callback=callback, **common)
+                       confidence_threshold=args.threshold, draft_steps=args.draft_steps, streamer=stream,
+                       step_callback=callback, **common)
     except ValueError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
@@ -99,4 +101,7 @@ def run(args) -> int:
         print(f"[{args.mode}] {s.generated_tokens} tokens in {s.wall_time:.2f}s ({s.tokens_per_second:.1f} tok/s); "
               f"denoiser forwards {s.denoiser_forwards}, context forwards {s.context_forwards}, "
               f"tokens per denoiser forward {s.tokens_per_denoiser_forward:.2f}", file=sys.stderr)
+        if args.mode == "speculative":
+            print(f"[speculative] drafted {s.drafted_tokens}, accepted {s.accepted_tokens} "
+                  f"({s.acceptance_rate:.0%}), tokens per round {s.tokens_per_round:.2f}", file=sys.stderr)
     return 0

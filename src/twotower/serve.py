@@ -10,9 +10,10 @@ a client that goes away, or whose answer hit a stop string, stops taking part in
 
 Safe defaults: loopback only, an optional API key on every route but /health, limits on body
 size, prompt length and max_tokens, and an OpenAI-style 4xx error body for every bad request.
-Beyond the OpenAI parameters a request may set `mode` (diffusion, mock-ar, ar), `block_size`,
-`steps_per_block`, `confidence_threshold` and `top_k`; `usage.tokens_per_denoiser_forward`
-reports how many tokens each denoiser forward produced for it.
+Beyond the OpenAI parameters a request may set `mode` (diffusion, speculative, mock-ar, ar),
+`block_size`, `steps_per_block`, `draft_steps`, `confidence_threshold` and `top_k`;
+`usage.tokens_per_denoiser_forward` reports how many tokens each denoiser forward produced for it,
+and in speculative mode `usage` adds its drafted and accepted tokens and tokens per round.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .evaluate import generate, left_pad
-from .generation import RowStreamer, StopGeneration, through_eos
+from .generation import GenerationStats, RowStreamer, StopGeneration, through_eos
 from .tokenizer import IncrementalText
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -109,9 +110,10 @@ class _Request(BaseModel):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     user: str | None = None
-    mode: Literal["diffusion", "mock-ar", "ar"] | None = None
+    mode: Literal["diffusion", "speculative", "mock-ar", "ar"] | None = None
     block_size: int | None = Field(None, ge=1, le=256)
     steps_per_block: int | None = Field(None, ge=1, le=1024)
+    draft_steps: int | None = Field(None, ge=1, le=256)
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
 
 
@@ -150,6 +152,7 @@ class Sampling:
     steps_per_block: int | None
     confidence_threshold: float | None
     seed: int | None
+    draft_steps: int | None
     stop: tuple[str, ...]
 
     def batch_key(self):
@@ -158,10 +161,11 @@ class Sampling:
         sampled = self.temperature > 0
         if sampled and self.seed is not None:
             return None
-        diffusion = self.mode == "diffusion"
+        diffusion, speculative = self.mode == "diffusion", self.mode == "speculative"
         return (self.mode, self.temperature, self.top_p if sampled else None, self.top_k if sampled else None,
-                self.block_size if diffusion else None, self.steps_per_block if diffusion else None,
-                self.confidence_threshold if diffusion else None)
+                self.block_size if diffusion or speculative else None, self.steps_per_block if diffusion else None,
+                self.confidence_threshold if diffusion or speculative else None,
+                self.draft_steps if speculative else None)
 
 
 def chat_prompt(messages: list[_Message]) -> str:
@@ -220,6 +224,7 @@ class Job:
         self.finished = False
         self.completion_tokens = 0
         self.denoiser_forwards = 0
+        self.batch_stats: tuple[GenerationStats, int] | None = None  # its batch's statistics and its row
 
     @property
     def done(self) -> bool:
@@ -254,9 +259,15 @@ class Job:
 
     def usage(self) -> dict:
         forwards = self.denoiser_forwards
-        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": self.completion_tokens,
-                "total_tokens": len(self.prompt_ids) + self.completion_tokens,
-                "tokens_per_denoiser_forward": self.completion_tokens / forwards if forwards else None}
+        usage = {"prompt_tokens": len(self.prompt_ids), "completion_tokens": self.completion_tokens,
+                 "total_tokens": len(self.prompt_ids) + self.completion_tokens,
+                 "tokens_per_denoiser_forward": self.completion_tokens / forwards if forwards else None}
+        if self.batch_stats is not None and self.sampling.mode == "speculative":
+            stats, row = self.batch_stats
+            s = stats.speculation[row]
+            usage.update(drafted_tokens=s.drafted, accepted_tokens=s.accepted,
+                         tokens_per_round=(s.accepted + s.rounds) / s.rounds if s.rounds else None)
+        return usage
 
     async def events_until(self, request: Request, deadline: float):
         """This job's events until done or error. Raises a 504 APIError at the deadline; ends
@@ -376,14 +387,19 @@ class Engine:
                     jobs[row].denoiser_forwards += 1
 
         self.running = jobs
+        stats = GenerationStats()
+        for row, job in enumerate(jobs):
+            job.batch_stats = (stats, row)
         try:
             ids, mask = left_pad([job.prompt_ids for job in jobs], self.pad_id)
             seeded = s.seed is not None and s.temperature > 0
             kwargs = dict(max_new_tokens=max(job.sampling.max_tokens for job in jobs), temperature=s.temperature,
                           top_k=s.top_k, top_p=s.top_p, eos_token_id=self.eos_id, attention_mask=mask,
                           streamer=streamer, generator=torch.Generator().manual_seed(s.seed) if seeded else None)
+            if s.mode == "speculative":
+                kwargs["draft_steps"] = s.draft_steps or 1
             generate(self.model, s.mode, ids, block_size=s.block_size, steps_per_block=s.steps_per_block,
-                     confidence_threshold=s.confidence_threshold, step_callback=count_step, **kwargs)
+                     confidence_threshold=s.confidence_threshold, step_callback=count_step, stats=stats, **kwargs)
         except StopGeneration:
             pass
         except Exception as e:  # a failed batch answers its requests; the worker goes on
@@ -472,7 +488,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                         temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
                         top_p=req.top_p, top_k=req.top_k, block_size=req.block_size,
                         steps_per_block=req.steps_per_block, confidence_threshold=req.confidence_threshold,
-                        seed=req.seed, stop=stop + extra_stop)
+                        seed=req.seed, stop=stop + extra_stop, draft_steps=req.draft_steps)
 
     def prompt_ids(prompt: str | list[int], param: str) -> list[int]:
         """The prompt's token ids, checked against the server's limits and the vocabulary."""

@@ -14,9 +14,22 @@ Confidence is the model's unscaled probability of the predicted token, also when
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .generation import filter_logits
+
+
+@dataclass
+class DenoiseStep:
+    """What `step_callback` sees after every denoising step."""
+
+    block: int  # block index within this generate call (the round, in speculative decoding)
+    step: int  # step within the block
+    tokens: torch.Tensor  # [b, L] the block now (mask_token_id where still masked)
+    committed: torch.Tensor  # [b, L] bool, positions committed at this step
+    rows: torch.Tensor  # [b] which rows of the original batch these are
 
 
 def block_time(masked: torch.Tensor) -> torch.Tensor:

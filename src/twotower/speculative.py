@@ -47,7 +47,7 @@ import torch
 
 from .cache import kept_columns
 from .generation import RowSpeculation, filter_logits, finish_generation, sample_next, until_eos
-from .sampler import block_time, positions_to_commit
+from .sampler import DenoiseStep, block_time, positions_to_commit
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,6 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int, pa
                          sampling: Sampling, eos_token_id: int | None = None, options: dict | None = None):
     """See `TwoTowerForCausalLM.generate_speculative`; `options` holds attention_mask, generator,
     streamer, step_callback, use_cache, return_dict_in_generate and stats."""
-    from .two_tower import DenoiseStep  # two_tower imports this module
-
     o = {"attention_mask": None, "generator": None, "streamer": None, "step_callback": None, "use_cache": True,
          "return_dict_in_generate": False, "stats": None, **(options or {})}
     if not 0 <= params.mask_token_id < model.config.vocab_size:

@@ -29,7 +29,7 @@ from .hub import to_dtype
 from .linear import Linear
 from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
 from .objectives import masked_diffusion_loss
-from .sampler import block_time, commit_confident
+from .sampler import DenoiseStep, block_time, commit_confident
 from .speculative import Sampling, SpeculativeParams, generate_speculative
 from .time_conditioning import TimestepEmbedder
 
@@ -58,17 +58,6 @@ UNSUPPORTED_SETTINGS = {"num_beams": 1, "num_return_sequences": 1, "repetition_p
                         "stop_strings": None, "min_p": None, "typical_p": 1.0, "penalty_alpha": None,
                         "guidance_scale": 1.0, "output_scores": False, "output_logits": False,
                         "output_attentions": False, "output_hidden_states": False}
-
-
-@dataclass
-class DenoiseStep:
-    """What `step_callback` sees after every denoising step."""
-
-    block: int  # block index within this generate call
-    step: int  # step within the block
-    tokens: torch.Tensor  # [b, L] the block now (mask_token_id where still masked)
-    committed: torch.Tensor  # [b, L] bool, positions committed at this step
-    rows: torch.Tensor  # [b] which rows of the original batch these are
 
 
 class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):

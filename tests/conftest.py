@@ -1,10 +1,25 @@
-"""Shared helpers: small random NemotronH configurations and deterministic random weights."""
+"""Shared helpers: small random NemotronH configurations, deterministic random weights, text the
+repository ships, and a guard that fails any test reading files outside the repository."""
 
 from __future__ import annotations
 
-import torch
+import json
+import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
 
-from twotower.config import NemotronHConfig
+# Libraries' caches (Hugging Face, matplotlib) start empty in the temp dir, as in a fresh machine
+# and before those libraries are imported: nothing a test uses may come from this machine's caches.
+_CACHES = Path(tempfile.mkdtemp(prefix="twotower-test-caches-"))
+for _name in ("HF_HOME", "MPLCONFIGDIR", "XDG_CACHE_HOME"):
+    os.environ[_name] = str(_CACHES / _name.lower())
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from twotower.config import NemotronHConfig  # noqa: E402
 
 
 def tiny_config(pattern: str = "M*EM-E*M", **overrides) -> NemotronHConfig:
@@ -56,7 +71,66 @@ def randomize(model: torch.nn.Module, seed: int = 0, head_std: float = 1.0) -> t
     return model
 
 
-CORPUS = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO / "tests" / "data" / "stories.txt"
+HELDOUT = REPO / "src" / "twotower" / "default_model" / "heldout"
+
+
+def story_text(chars: int | None = None) -> str:
+    """Text the repository ships: the short stories of tests/data/stories.txt and the embedded
+    model's held-out story prompts, repeated up to `chars` characters (all of it once if None)."""
+    prompts = [json.loads(line)["prompt"] for line in (HELDOUT / "stories.jsonl").read_text().splitlines()]
+    text = STORIES.read_text(encoding="utf-8") + "\n" + "\n\n".join(prompts) + "\n"
+    if chars is None:
+        return text
+    return (text + "\n") * (chars // (len(text) + 1)) + text[: chars % (len(text) + 1)]
+
+
+# ---------------------------------------------------------------- no reads outside the repository
+
+def _allowed_roots() -> tuple[str, ...]:
+    """Where tests may open files: the repository, the temp dir, the Python installation (imports,
+    package data) and the kernel's pseudo-files and devices. Everything else (a sibling data folder,
+    another machine's absolute paths, a user's caches) would not exist in a user's fresh clone."""
+    roots = {REPO, Path(tempfile.gettempdir()), Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix)}
+    roots |= {Path(p) for p in sysconfig.get_paths().values()}
+    roots |= {Path(p) for p in sys.path if p and Path(p).is_dir() and not Path(REPO).is_relative_to(p)}
+    roots |= {Path("/dev"), Path("/proc"), Path("/sys"), Path("/etc"), Path("/usr")}
+    roots |= {Path.home() / ".fonts", Path.home() / ".local" / "share" / "fonts"}  # matplotlib's font search
+    return tuple(sorted({str(r.resolve()) for r in roots} | {str(r) for r in roots}))
+
+
+_ALLOWED = _allowed_roots()
+_outside: list[str] = []  # paths opened outside the allowed roots during the current test
+
+
+def outside_the_allowed_roots(path) -> bool:
+    if isinstance(path, int):  # a file descriptor: already open
+        return False
+    path = os.path.abspath(os.fsdecode(path))
+    return not any(path == root or path.startswith(root.rstrip("/") + "/") for root in _ALLOWED)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event in ("open", "os.listdir", "os.scandir") and args and args[0] is not None:
+        try:
+            if outside_the_allowed_roots(args[0]):
+                _outside.append(os.fsdecode(args[0]))
+        except (TypeError, ValueError):
+            pass
+
+
+sys.addaudithook(_audit)  # an audit hook stays for the whole process
+
+
+@pytest.fixture(autouse=True)
+def only_files_the_repository_has():
+    """Fail a test that opened (or listed) a path outside the repository and the temp dir."""
+    _outside.clear()
+    yield
+    found = sorted(set(_outside))
+    _outside.clear()
+    assert not found, f"the test read outside the repository and the temp dir: {found[:5]}"
 
 
 def make_tiny_model_dir(folder, vocab_size: int = 384, seed: int = 0, pattern: str = "M*EM"):
@@ -71,7 +145,7 @@ def make_tiny_model_dir(folder, vocab_size: int = 384, seed: int = 0, pattern: s
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sample = folder / "sample.txt"
-    sample.write_text((CORPUS / "tinystories_val_head.txt").read_text()[:60_000])
+    sample.write_text(story_text(60_000))
     tokenizer = train_tokenizer([sample], folder, vocab_size=vocab_size)
     sample.unlink()
     torch.manual_seed(seed)

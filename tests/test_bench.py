@@ -99,3 +99,14 @@ def test_prompts_come_from_the_model_folder_or_fall_back(tmp_path):
     stories, tasks = load_prompts(tmp_path)
     assert stories == ["A held-out story"]
     assert [(t.prompt, t.answer, t.kind) for t in tasks] == [("1+2=", "3", "add")]
+
+
+def test_quality_retained_caps_each_kind_at_ar():
+    """Beating AR on one kind (add: 1.0 against 0.5) cannot hide a loss on another (copy: half of
+    AR's); perplexity counts as AR's over the row's."""
+    from twotower.bench import quality_retained
+    ar = {"accuracy_by_kind": {"add": 0.5, "copy": 0.8, "count": 0.0}, "story_perplexity": 3.0}
+    row = {"accuracy_by_kind": {"add": 1.0, "copy": 0.4, "count": 0.2}, "story_perplexity": 6.0}
+    assert quality_retained(row, ar) == pytest.approx((1.0 + 0.5 + 0.5) / 3)
+    better = {"accuracy_by_kind": {"add": 1.0, "copy": 1.0, "count": 0.0}, "story_perplexity": 2.0}
+    assert quality_retained(better, ar) == 1.0

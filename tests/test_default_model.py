@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import twotower
-from conftest import CORPUS
+from conftest import story_text
 from twotower.default import DEFAULT_MODEL_DIR
 from twotower.hub import kept_dtype
 
@@ -43,12 +43,10 @@ def test_load_default_generates_in_every_mode():
         assert out.stats.generated_tokens >= 1
 
 
-def test_the_tokenizer_round_trips_the_corpus_characters():
+def test_the_tokenizer_round_trips_the_sample_characters():
     _, tokenizer = twotower.load_default()
-    chars = set()
-    for path in sorted(CORPUS.rglob("*.txt")):
-        chars |= set(path.read_text(encoding="utf-8"))
-    text = "".join(sorted(chars))
+    heldout = "".join(p.read_text(encoding="utf-8") for p in sorted((DEFAULT_MODEL_DIR / "heldout").iterdir()))
+    text = "".join(sorted(set(story_text() + heldout))) + " café 🙂 \t end"
     assert tokenizer.decode(tokenizer(text).input_ids) == text
     assert tokenizer.mask_token_id == 3 and tokenizer.eos_token_id == 2 and tokenizer.pad_token_id == 0
 
@@ -68,6 +66,16 @@ def test_show_steps_draws_the_block_being_denoised():
     assert out.returncode == 0, out.stderr
     steps = [line for line in out.stdout.splitlines() if line.startswith("block 0 step")]
     assert steps and "_" in steps[0]  # masked positions are visible at the first step
+
+
+def test_the_unmasking_flag_picks_the_rule():
+    """Threshold 0 commits the whole block in one step; --unmasking fixed spreads it over the steps."""
+    common = [sys.executable, "-m", "twotower.cli", "generate", PROMPT, "--max-new-tokens", "8", "--block-size", "8",
+              "--steps-per-block", "4", "--threshold", "0", "--show-steps"]
+    for extra, steps in (([], 1), (["--unmasking", "fixed"], 4)):
+        out = subprocess.run(common + extra, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert sum(line.startswith("block 0 step") for line in out.stdout.splitlines()) == steps, extra
 
 
 def test_heldout_prompts_ship_with_the_model():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +11,8 @@ import torch.nn.functional as F
 from conftest import randomize, tiny_config
 from test_two_tower import build
 from twotower import NemotronHForCausalLM
-from twotower.objectives import (T_EPS, ar_loss, block_causal_mask, context_block_states, corrupt, diffusion_loss,
-                                 diffusion_loss_by_blocks)
+from twotower.objectives import (T_EPS, ar_loss, block_causal_mask, certainty_sum, context_block_states, corrupt,
+                                 diffusion_loss, diffusion_loss_by_blocks, prompt_loss_mask)
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +93,59 @@ def test_ar_loss_is_next_token_cross_entropy():
     logits = single(ids)
     expected = sum(-F.log_softmax(logits[b, i], -1)[ids[b, i + 1]] for b in range(2) for i in range(8))
     assert count == 16 and abs(total.item() - expected.item()) <= 1e-4
+
+
+def test_prompt_positions_are_never_masked_nor_scored(model):
+    """A distillation row's prompt (here 8 tokens, then 8 of continuation) stays clean: t = 1 masks
+    every other position, and the loss is the hand-computed cross-entropy of the continuation
+    alone, from the denoiser's logits on the inference path."""
+    ids = torch.randint(4, 97, (3, 16), generator=torch.Generator().manual_seed(5))
+    loss_mask = prompt_loss_mask(ids, 8)
+    assert loss_mask.tolist() == [[False] * 8 + [True] * 8] * 3
+    noisy, masked, t = corrupt(ids, 3, torch.Generator().manual_seed(0), t=torch.ones(3), loss_mask=loss_mask)
+    assert torch.equal(masked, loss_mask) and torch.equal(noisy[:, :8], ids[:, :8])
+    drawn = corrupt(ids, 3, torch.Generator().manual_seed(1), loss_mask=loss_mask)[1]  # t drawn: still clean
+    assert not drawn[:, :8].any() and drawn[:, 8:].any()
+    with torch.no_grad():
+        total, count = diffusion_loss(model, ids, 8, noise=(noisy, masked, t))
+        context = model.encode_context(ids[:, :8])
+        logits = model.denoise_block(noisy[:, 8:], t, context)
+    expected = sum(-F.log_softmax(logits[b, j], -1)[ids[b, 8 + j]] for b in range(3) for j in range(8))
+    assert int(count) == 24 and abs(total.item() - expected.item()) <= 1e-4
+    # drawn by the loss itself (no noise given), the prompt is still never masked: changing the
+    # prompt's tokens at the masked positions' logits is all it can do, never a term of its own
+    g = torch.Generator().manual_seed(2)
+    _, n = diffusion_loss(model, ids, 8, generator=g, loss_mask=loss_mask)
+    assert int(n) == int(corrupt(ids, 3, torch.Generator().manual_seed(2), loss_mask=loss_mask)[1].sum())
+
+
+def test_certainty_sum_is_the_entropy_of_right_predictions():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    targets = torch.tensor([0, 1, 0, 2])  # right, wrong, right (argmax of a tie: the first), right
+
+    def entropy(row):
+        p = [math.exp(x) for x in row]
+        p = [x / sum(p) for x in p]
+        return -sum(x * math.log(x) for x in p)
+
+    expected = entropy([2, 0, 0]) + entropy([1, 1, 0]) + entropy([0, 0, 5])
+    assert abs(certainty_sum(logits, targets).item() - expected) <= 1e-6
+    assert certainty_sum(logits, torch.tensor([1, 0, 2, 0])).item() == 0.0  # nothing right: no term
+
+
+def test_certainty_weight_adds_the_certainty_of_the_masked_positions(model):
+    """One all-masked block of 8: the targets are the denoiser's own predictions at even positions
+    (right) and something else at odd ones (wrong); the term is the entropy at the even ones."""
+    t = torch.ones(2)
+    with torch.no_grad():
+        logits = model.denoise_block(torch.full((2, 8), 3), t, model.context_tower.new_cache())
+    pred = logits.argmax(-1)
+    ids = torch.where(torch.arange(8) % 2 == 0, pred, (pred + 1) % 97)
+    noise = (torch.full_like(ids, 3), torch.ones_like(ids, dtype=torch.bool), t)
+    with torch.no_grad():
+        plain, count = diffusion_loss(model, ids, 8, noise=noise)
+        forced, _ = diffusion_loss(model, ids, 8, noise=noise, certainty_weight=0.7)
+    probs = logits[:, ::2].softmax(-1)
+    by_hand = -(probs * probs.log()).sum()
+    assert int(count) == 16 and by_hand > 0
+    assert abs((forced - plain).item() - 0.7 * by_hand.item()) <= 1e-4

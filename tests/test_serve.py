@@ -124,6 +124,15 @@ def test_streamed_text_equals_plain_text(client, chat, mode, temperature, seed):
         assert ask(client, PROMPTS[0], **kw)[0] == text
 
 
+def test_the_unmasking_rule_is_a_request_field(client):
+    """At threshold 0 the confidence rule commits a whole 8-token block in one forward; the fixed
+    rule commits block_size / steps_per_block = 2 tokens per forward whatever the confidence."""
+    kw = dict(max_tokens=8, mode="diffusion", block_size=8, steps_per_block=4, confidence_threshold=0.0)
+    per_forward = {rule: ask(client, PROMPTS[0], unmasking=rule, **kw)[2].model_extra["tokens_per_denoiser_forward"]
+                   for rule in ("confidence", "fixed")}
+    assert per_forward == {"confidence": 8.0, "fixed": 2.0}
+
+
 def test_incremental_text_adds_up_decodes_windows_and_stops(embedded):
     """IncrementalText (the server's streams) with the real tokenizer, token by token: the pieces add up to the whole decode
     (characters split across byte-level tokens included), no call decodes more than a few tokens
@@ -285,6 +294,7 @@ BAD_REQUESTS = [
     ("block_size huge", C, {"prompt": "Hi", "block_size": 10**6}, 400, "block_size"),
     ("confidence_threshold above one", C, {"prompt": "Hi", "confidence_threshold": 1.5}, 400,
      "confidence_threshold"),
+    ("unknown unmasking rule", C, {"prompt": "Hi", "unmasking": "random"}, 400, "unmasking"),
     ("stream not a boolean", C, {"prompt": "Hi", "stream": "yes"}, 400, "stream"),
     ("five stop strings", C, {"prompt": "Hi", "stop": list("abcde")}, 400, "stop"),
     ("stop string too long", C, {"prompt": "Hi", "stop": "x" * 65}, 400, "stop"),

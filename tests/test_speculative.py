@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from importlib.resources import files
 
 import pytest
@@ -15,7 +16,8 @@ from conftest import randomize, tiny_config
 from test_two_tower import build
 from twotower import NemotronHForCausalLM, load_default
 from twotower.evaluate import left_pad
-from twotower.speculative import Sampling
+from twotower.params import SamplingParams
+from twotower.sampler import token_probs
 from twotower.ssd import ssd_sequential, ssd_state_after
 
 # ---------------------------------------------------------------- rolling the context back
@@ -153,7 +155,7 @@ def test_embedded_model_equals_ar_on_held_out_prompts():
 
 # ---------------------------------------------------------------- sampling: AR's distribution
 
-def ar_distribution(model, prompt: list[int], n: int, sampling: Sampling) -> dict[tuple, float]:
+def ar_distribution(model, prompt: list[int], n: int, sampling: SamplingParams) -> dict[tuple, float]:
     """The exact probability of every n-token continuation under AR sampling (temperature, top-k,
     top-p), by expanding the tree of continuations with nonzero probability."""
     paths = {(): 1.0}
@@ -161,7 +163,7 @@ def ar_distribution(model, prompt: list[int], n: int, sampling: Sampling) -> dic
         prefixes = list(paths)
         with torch.no_grad():
             logits = model(torch.tensor([prompt + list(p) for p in prefixes]))[:, -1]
-        probs = sampling.probs(logits)
+        probs = token_probs(logits, sampling)
         paths = {p + (t,): paths[p] * float(probs[i, t]) for i, p in enumerate(prefixes)
                  for t in probs[i].nonzero()[:, 0].tolist()}
     return paths
@@ -184,9 +186,9 @@ def chi_square_p_value(samples: list[tuple], expected: dict[tuple, float]) -> fl
 
 
 @pytest.mark.parametrize("sampling,draft_steps", [
-    (Sampling(1.0, 3, None), 1),
-    (Sampling(0.7, 3, 0.9), 2),
-    (Sampling(1.3, 3, None), 3),
+    (SamplingParams(1.0, top_k=3), 1),
+    (SamplingParams(0.7, top_k=3, top_p=0.9), 2),
+    (SamplingParams(1.3, top_k=3), 3),
 ])
 def test_sampled_continuations_are_distributed_as_ar(sampling, draft_steps):
     """4,000 rows of one batch (independent draws from one seeded generator), 4 tokens each: the
@@ -196,12 +198,11 @@ def test_sampled_continuations_are_distributed_as_ar(sampling, draft_steps):
     model = small_vocab_model(seed=3, vocab_size=8)
     prompt, n, rows = [5, 7, 4, 6], 4, 4000
     out = model.generate_speculative(torch.tensor([prompt] * rows), max_new_tokens=n, block_size=4,
-                                     draft_steps=draft_steps, temperature=sampling.temperature, top_k=sampling.top_k,
-                                     top_p=sampling.top_p, generator=torch.Generator().manual_seed(0),
+                                     draft_steps=draft_steps, sampling=replace(sampling, seed=0),
                                      return_dict_in_generate=True)
     samples = [tuple(row) for row in out.sequences[:, len(prompt):].tolist()]
     assert chi_square_p_value(samples, ar_distribution(model, prompt, n, sampling)) > 1e-3
     stats = out.stats
     assert 0 < stats.accepted_tokens < stats.drafted_tokens  # accepted some, rejected some
-    other = Sampling(sampling.temperature * 1.5, sampling.top_k, sampling.top_p)
+    other = replace(sampling, temperature=sampling.temperature * 1.5)
     assert chi_square_p_value(samples, ar_distribution(model, prompt, n, other)) < 1e-6

@@ -3,22 +3,15 @@ from pathlib import Path
 import pytest
 import transformers
 
+from conftest import story_text
 from twotower.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, load_tokenizer, train_tokenizer
 
-CORPUS = Path("/work/shared/corpus")
 VOCAB = 512
 
 
-def corpus_sample() -> str:
-    """The first 200 KB of the TinyStories head plus all of Alice."""
-    stories = (CORPUS / "tinystories_val_head.txt").read_bytes()[:200_000].decode("utf-8", "ignore")
-    return stories + (CORPUS / "chilit" / "alice.txt").read_text()
-
-
 def write_training_slice(path: Path) -> Path:
-    """A small slice of the sample, so training takes well under a second."""
-    sample = corpus_sample()
-    path.write_text(sample[:30_000] + sample[-30_000:])
+    """The repository's sample text, so training takes well under a second."""
+    path.write_text(story_text(60_000))
     return path
 
 
@@ -51,8 +44,8 @@ def test_encoding_adds_no_bos_or_eos(trained):
     assert loaded.decode(ids) == "Once upon a time"
 
 
-def test_round_trip_of_every_corpus_character(trained):
-    sample = corpus_sample()
+def test_round_trip_of_every_sample_character(trained):
+    sample = story_text()
     # every distinct character, spacing that a cleanup pass would change, and bytes never trained on
     text = "".join(sorted(set(sample))) + sample[:3000] + " it ' s , . ! ? don 't \t  café 🙂\n\n end "
     for tokenizer in (trained[0], load_tokenizer(trained[1])):

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CORPUS, make_tiny_model_dir, tiny_config
+from conftest import make_tiny_model_dir, story_text, tiny_config
 from twotower import NemotronHForCausalLM, TwoTowerForCausalLM
 from twotower.cli import main
 from twotower.data import pack_corpus
@@ -63,7 +63,7 @@ def shards(tmp_path_factory):
     folder = make_tiny_model_dir(root / "model", vocab_size=300)
     text = root / "text"
     text.mkdir()
-    (text / "stories.txt").write_text((CORPUS / "tinystories_val_head.txt").read_text()[:40_000])
+    (text / "stories.txt").write_text(story_text(40_000))
     pack_corpus(text, load_tokenizer(folder), root / "shards", heldout_fraction=0.05)
     tiny_config("M*E", vocab_size=300).to_json_file(root / "backbone.json")
     return root
@@ -131,9 +131,8 @@ def test_train_command_rejects_missing_data(tmp_path, capsys, shards):
 def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
-    (data / "tinystories_val_head.txt").write_text((CORPUS / "tinystories_val_head.txt").read_text()[:30_000])
-    (data / "tinystories_train_head_lowercase.txt").write_text(
-        (CORPUS / "tinystories_train_head_lowercase.txt").read_text()[:20_000])
+    (data / "tinystories_val_head.txt").write_text(story_text(30_000))
+    (data / "tinystories_train_head_lowercase.txt").write_text(story_text(20_000).lower())
     assert main(["recipe", "smoke", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
     final = tmp_path / "out" / "model"
     card = (final / "README.md").read_text()
@@ -157,4 +156,4 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     capsys.readouterr()
     assert main(["recipe", "smoke", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
     rerun = capsys.readouterr().out
-    assert all(f"[recipe] {stage}: done already" in rerun for stage in ("corpus", "tokenizer", "pack", "ar", "export"))
+    assert all(f"[recipe] {stage}: done already" in rerun for stage in ("corpus", "tokenizer", "pack", "ar", "distill-data", "distill", "export"))

@@ -12,15 +12,15 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import randomize, tiny_config
 from twotower import NemotronHForCausalLM, TwoTowerConfig, TwoTowerForCausalLM, nemotron_3_nano_30b_config
-from twotower.evaluate import generate
+from twotower.modes import MODES as MODE_TABLE
+from twotower.modes import run_mode
 from twotower.generation import GenerationStats, RowStreamer, StopGeneration
 from twotower.modeling import causal_mask
 from twotower.norm import gated_group_rms_norm
 from twotower.ssd import ssd_sequential
 from twotower.time_conditioning import modulate
-from twotower.two_tower import GENERATION_MODES
 
-MODES = list(GENERATION_MODES)
+MODES = list(MODE_TABLE)
 
 
 def build(seed=0, head_std=8.0, **overrides):
@@ -50,8 +50,8 @@ def test_cached_generation_equals_recompute_from_scratch(model, mode, prompt_len
     ids = torch.randint(4, 97, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     n = 3 * block_size + 1 if mode == "diffusion" else 9
     kw = dict(max_new_tokens=n, block_size=block_size, steps_per_block=block_size)
-    cached = generate(model, mode, ids, **kw)
-    reference = generate(model, mode, ids, use_cache=False, **kw)
+    cached = run_mode(model, mode, ids, **kw)
+    reference = run_mode(model, mode, ids, use_cache=False, **kw)
     assert cached.shape == (1, prompt_len + n)
     assert cached.tolist() == reference.tolist()
 
@@ -156,9 +156,9 @@ def test_batch_of_different_lengths_equals_one_by_one(model, mode):
     prompts = [[5, 9, 11], [7, 8, 9, 10, 11, 12, 13, 14, 15], [20], [30, 31, 32, 33, 34]]
     ids, mask = left_pad(prompts)
     kw = dict(max_new_tokens=10, block_size=4, steps_per_block=4)
-    batched = generate(model, mode, ids, attention_mask=mask, **kw)
+    batched = run_mode(model, mode, ids, attention_mask=mask, **kw)
     for i, p in enumerate(prompts):
-        alone = generate(model, mode, torch.tensor([p]), **kw)[0, len(p):]
+        alone = run_mode(model, mode, torch.tensor([p]), **kw)[0, len(p):]
         assert batched[i, ids.shape[1]:].tolist() == alone.tolist(), (mode, i)
 
 
@@ -167,9 +167,9 @@ def test_eos_stops_each_row_and_the_rest_is_pad(model, mode):
     prompts = [[5, 9, 11], [7, 8, 9, 10]]
     ids, mask = left_pad(prompts)
     kw = dict(max_new_tokens=12, block_size=4, steps_per_block=4, attention_mask=mask)
-    free = generate(model, mode, ids, **kw)
+    free = run_mode(model, mode, ids, **kw)
     eos = int(free[0, ids.shape[1] + 5])  # a token row 0 produces in its second block
-    out = generate(model, mode, ids, eos_token_id=eos, return_dict_in_generate=True, **kw)
+    out = run_mode(model, mode, ids, eos_token_id=eos, return_dict_in_generate=True, **kw)
     for i in range(2):
         row, ref = out.sequences[i, ids.shape[1]:].tolist(), free[i, ids.shape[1]:].tolist()
         if eos in ref:
@@ -238,7 +238,7 @@ def test_statistics_count_what_they_claim(model, mode):
     try:
         ids, mask = left_pad([[5, 9, 11], [7, 8]])
         called = time.perf_counter()
-        out = generate(model, mode, ids, attention_mask=mask, max_new_tokens=10, block_size=4, steps_per_block=4,
+        out = run_mode(model, mode, ids, attention_mask=mask, max_new_tokens=10, block_size=4, steps_per_block=4,
                        return_dict_in_generate=True, streamer=Clock())
     finally:
         for h in hooks:
@@ -259,8 +259,8 @@ def test_a_streamer_can_end_the_call_and_the_counts_so_far_remain(model, mode):
     got, stats = [], GenerationStats()
     streamer = RowStreamer(1, lambda row, tokens: got.extend(tokens), lambda row: len(got) >= 3, eos_token_id=None)
     with pytest.raises(StopGeneration):
-        generate(model, mode, ids, max_new_tokens=40, block_size=4, streamer=streamer, stats=stats)
-    full = generate(model, mode, ids, max_new_tokens=40, block_size=4, return_dict_in_generate=True)
+        run_mode(model, mode, ids, max_new_tokens=40, block_size=4, streamer=streamer, stats=stats)
+    full = run_mode(model, mode, ids, max_new_tokens=40, block_size=4, return_dict_in_generate=True)
     assert len(got) == (4 if mode == "diffusion" else 3)  # ended after the first block / the third token
     assert got == full.sequences[0, 3:3 + len(got)].tolist()
     so_far = (stats.context_forwards, stats.denoiser_forwards)
@@ -274,7 +274,7 @@ def test_same_seed_same_output_other_seed_differs(mode):
     ids = torch.tensor([[5, 6, 7]])
 
     def run(seed):
-        return generate(model, mode, ids, max_new_tokens=16, block_size=8, steps_per_block=8, temperature=1.5,
+        return run_mode(model, mode, ids, max_new_tokens=16, block_size=8, steps_per_block=8, temperature=1.5,
                         generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(3), run(3))
     assert not torch.equal(run(3), run(4))

@@ -5,6 +5,8 @@ from .config import NemotronHConfig, nemotron_3_nano_30b_config
 from .default import load_default, load_model
 from .generation import GenerateOutput, GenerationStats, generate_ar
 from .modeling import NemotronHForCausalLM, NemotronHModel
+from .modes import MODES
+from .params import DiffusionParams, GenerateOptions, SamplingParams
 from .two_tower import TwoTowerConfig, TwoTowerForCausalLM
 
 __all__ = [
@@ -16,6 +18,10 @@ __all__ = [
     "GenerateOutput",
     "GenerationStats",
     "generate_ar",
+    "MODES",
+    "SamplingParams",
+    "DiffusionParams",
+    "GenerateOptions",
     "NemotronHForCausalLM",
     "NemotronHModel",
     "TwoTowerConfig",

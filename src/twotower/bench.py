@@ -1,5 +1,4 @@
-"""`twotower bench`: quality versus speed of AR, mock-AR, mask diffusion and speculative decoding,
-measured in one run.
+"""`twotower bench`: quality versus speed of every generation mode, measured in one run.
 
 Every setting (AR, mock-AR, mask diffusion at each block size and confidence threshold of a
 sweep, speculative decoding at each block size and number of draft steps) generates, greedily,
@@ -9,8 +8,9 @@ on every prompt batch, in an order that rotates from batch to batch, so drift of
 
 Quality: exact-match accuracy on the exact-answer tasks, per task kind, and the AR tower's
 perplexity of the story continuations. `quality_retained` is the mean over those tasks (each
-task kind, and the stories) of a setting's score relative to AR's; for perplexity, AR's over
-the setting's. A kind on which AR scores 0 has nothing to retain and is left out.
+task kind, and the stories) of a setting's score relative to AR's, each capped at 1; for
+perplexity, AR's over the setting's. A kind on which AR scores 0 has nothing to retain and is left
+out.
 
 Speed: generated tokens per second (prompt and padding never count), tokens per denoiser
 forward and denoiser and context forwards per token (one forward runs a whole batch), latency to
@@ -18,7 +18,7 @@ the first committed block (the first token for the token-by-token modes), and th
 AR measured in the same run.
 Diffusion runs `steps_per_block = block_size`, so the threshold alone decides how many tokens a
 denoiser forward commits. Speculative rows add the fraction of drafted tokens accepted and the
-tokens a draft-and-verify round commits; their quality is AR's by construction.
+tokens a draft-and-verify round commits; their output is AR's by construction.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from .evaluate import run_generation, story_quality, task_accuracy
+from .modes import MODES, get_mode
 from .tasks import Task, make_tasks
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -57,8 +58,8 @@ STORY_OPENINGS = (
 
 
 class Setting(NamedTuple):
-    """One generation setting; block_size is None for the AR modes, confidence_threshold is for
-    diffusion and draft_steps for speculative decoding."""
+    """One generation setting: block_size is None for the AR modes; confidence_threshold or
+    draft_steps is the setting swept with it (`Mode.swept`), the other None."""
 
     mode: str
     block_size: int | None = None
@@ -66,27 +67,26 @@ class Setting(NamedTuple):
     draft_steps: int | None = None
 
     def kwargs(self) -> dict:
-        if self.mode == "speculative":
-            return dict(block_size=self.block_size, draft_steps=self.draft_steps)
-        if self.mode != "diffusion":
+        if not get_mode(self.mode).uses_diffusion:
             return {}
+        chosen = dict(confidence_threshold=self.confidence_threshold, draft_steps=self.draft_steps)
         return dict(block_size=self.block_size, steps_per_block=self.block_size,
-                    confidence_threshold=self.confidence_threshold)
+                    **{k: v for k, v in chosen.items() if v is not None})
 
     def label(self) -> str:
-        if self.mode == "speculative":
-            return f"speculative S={self.block_size} steps={self.draft_steps}"
-        if self.mode != "diffusion":
+        if not get_mode(self.mode).uses_diffusion:
             return self.mode
-        return f"diffusion S={self.block_size} t={self.confidence_threshold}"
+        swept = f"t={self.confidence_threshold}" if self.draft_steps is None else f"steps={self.draft_steps}"
+        return f"{self.mode} S={self.block_size} {swept}"
 
 
 def sweep(thresholds=THRESHOLDS, block_sizes=BLOCK_SIZES, draft_steps=DRAFT_STEPS) -> list[Setting]:
-    """AR (the reference), mock-AR, diffusion at every block size and threshold, and speculative
-    decoding at every block size and number of draft steps."""
-    return ([Setting("ar"), Setting("mock-ar")]
-            + [Setting("diffusion", int(b), float(t)) for b in block_sizes for t in thresholds]
-            + [Setting("speculative", int(b), None, int(d)) for b in block_sizes for d in draft_steps])
+    """Every mode of `MODES`: AR (the reference), mock-AR, and at every block size diffusion at
+    every threshold and speculative decoding at every number of draft steps."""
+    values = {"confidence_threshold": [float(t) for t in thresholds], "draft_steps": [int(d) for d in draft_steps]}
+    plain = [Setting(name) for name, mode in MODES.items() if not mode.uses_diffusion]
+    return plain + [Setting(name, int(b), **{mode.swept: v}) for name, mode in MODES.items() if mode.uses_diffusion
+                    for b in block_sizes for v in values[mode.swept]]
 
 
 # ---------------------------------------------------------------- prompts
@@ -170,7 +170,7 @@ def _measurements(model, tokenizer, s: Setting, stories, tasks, out: dict, t: di
         "mode": s.mode,
         "block_size": s.block_size,
         "confidence_threshold": s.confidence_threshold,
-        "steps_per_block": s.block_size if s.mode == "diffusion" else None,
+        "steps_per_block": s.block_size if s.draft_steps is None else None,
         "draft_steps": s.draft_steps,
         "acceptance_rate": t["accepted_tokens"] / t["drafted_tokens"] if t["drafted_tokens"] else None,
         "tokens_per_round": (t["accepted_tokens"] + t["rounds"]) / t["rounds"] if t["rounds"] else None,
@@ -193,11 +193,12 @@ def _number(x: float) -> float | None:
 
 
 def quality_retained(row: dict, ar: dict) -> float | None:
-    """Mean over the task kinds and the stories of the row's score relative to AR's."""
+    """Mean over the task kinds and the stories of the row's score relative to AR's, each ratio
+    capped at 1: beating AR on one kind cannot hide a loss on another."""
     ratios = [row["accuracy_by_kind"][k] / a for k, a in ar["accuracy_by_kind"].items() if a > 0]
     if row["story_perplexity"] is not None and ar["story_perplexity"] is not None:
         ratios.append(ar["story_perplexity"] / row["story_perplexity"])
-    return statistics.mean(ratios) if ratios else None
+    return statistics.mean(min(r, 1.0) for r in ratios) if ratios else None
 
 
 def headline(rows: list[dict]) -> dict | None:
@@ -235,8 +236,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str | Path) -> None:
     """PNG of quality retained against speed-up: one curve per block size (thresholds marked
-    along it), speculative decoding (block sizes marked), mock-AR, and AR as the reference point
-    (1, 1)."""
+    along it), speculative decoding per number of draft steps (block sizes marked), mock-AR, and
+    AR as the reference point (1, 1)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -251,7 +252,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
         for r in curve:
             ax.annotate(f"{r['confidence_threshold']:g}", (r["speedup_vs_ar"], r["quality_retained"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
-    for d in sorted({r["draft_steps"] for r in rows if r["mode"] == "speculative"}):
+    for d in sorted({r["draft_steps"] for r in rows if r["draft_steps"] is not None}):
         curve = sorted((r for r in rows if r["draft_steps"] == d and r["quality_retained"] is not None),
                        key=lambda r: r["block_size"])
         ax.plot([r["speedup_vs_ar"] for r in curve], [r["quality_retained"] for r in curve], marker="^",
@@ -318,7 +319,7 @@ def run(args) -> int:
               f"{top['speedup_vs_ar']:.2f}x AR's tokens/s, "
               f"{top['tokens_per_denoiser_forward']:.2f} tokens per denoiser forward, quality retained "
               + ("-" if top["quality_retained"] is None else f"{top['quality_retained']:.1%}"))
-    fastest = max((r for r in rows if r["mode"] == "speculative"), key=lambda r: r["speedup_vs_ar"], default=None)
+    fastest = max((r for r in rows if r["draft_steps"] is not None), key=lambda r: r["speedup_vs_ar"], default=None)
     if fastest is not None:
         print(f"fastest speculative (block {fastest['block_size']}, {fastest['draft_steps']} draft steps): "
               f"{fastest['speedup_vs_ar']:.2f}x AR's tokens/s, {fastest['acceptance_rate'] or 0:.1%} of drafts "

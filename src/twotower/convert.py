@@ -24,7 +24,8 @@ import torch
 from .export import check_empty, save_for_hub
 from .hub import DEFAULT_SHARD_BYTES
 from .modeling import NemotronHForCausalLM
-from .two_tower import DIFFUSION_SETTINGS, TwoTowerForCausalLM
+from .params import DIFFUSION_CONFIG_FIELDS
+from .two_tower import TwoTowerForCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -80,13 +81,13 @@ def add_arguments(p) -> None:
                    help="two-tower: from a NemotronH AR checkpoint; single-tower: the context tower of a two-tower one")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the source's)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    for name, kind in zip(DIFFUSION_SETTINGS, (int, int, float, int)):
+    for name, kind in DIFFUSION_CONFIG_FIELDS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
                        help="two-tower only (default: the release's)")
 
 
 def run(args) -> int:
-    settings = {k: getattr(args, k) for k in DIFFUSION_SETTINGS if getattr(args, k) is not None}
+    settings = {k: getattr(args, k) for k in DIFFUSION_CONFIG_FIELDS if getattr(args, k) is not None}
     try:
         if settings and args.to == "single-tower":
             raise ValueError(f"{sorted(settings)} only apply with --to two-tower")

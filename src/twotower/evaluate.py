@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .generation import through_eos
+from .modes import run_mode
 from .tasks import score_exact
-from .two_tower import DIFFUSION_SETTINGS, GENERATION_MODES
 
 
 def ar_parts(model):
@@ -66,22 +66,6 @@ def perplexity(nll_and_counts) -> float:
     return math.exp(total / count) if count else float("nan")
 
 
-def generate(model, mode: str, ids, **kw):
-    """Dispatch to a generation mode; settings a mode does not have are dropped (the diffusion
-    ones for the AR modes, steps_per_block for speculative, draft_steps for the others)."""
-    if mode == "speculative":
-        return model.generate_speculative(ids, **{k: v for k, v in kw.items() if k != "steps_per_block"})
-    kw.pop("draft_steps", None)
-    if mode == "diffusion":
-        return model.generate_mask_diffusion(ids, **kw)
-    kw = {k: v for k, v in kw.items() if k not in (*DIFFUSION_SETTINGS, "step_callback")}
-    if mode == "mock-ar":
-        return model.generate_mock_ar(ids, **kw)
-    if mode == "ar":
-        return model.generate_ar(ids, **kw)
-    raise ValueError(f"unknown mode {mode!r}; use one of {GENERATION_MODES}")
-
-
 def left_pad(rows: list[list[int]], pad_id: int):
     """[b, n] ids left-padded with pad_id, and the attention mask (None when nothing is padded)."""
     width = max(len(r) for r in rows)
@@ -104,8 +88,8 @@ def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_toke
         rows = [tokenizer(p).input_ids for p in prompts[i:i + batch_size]]
         ids, mask = left_pad(rows, tokenizer.pad_token_id)
         start = time.perf_counter()
-        out = generate(model, mode, ids, attention_mask=mask,
-                       max_new_tokens=max_new_tokens, eos_token_id=eos, return_dict_in_generate=True, **kw)
+        out = run_mode(model, mode, ids, max_new_tokens, attention_mask=mask, eos_token_id=eos,
+                       return_dict_in_generate=True, **kw)
         elapsed = time.perf_counter() - start
         outputs += [through_eos(row, eos)[0] for row in out.sequences[:, ids.shape[1]:].tolist()]
         for key in counted:
@@ -130,5 +114,5 @@ def task_accuracy(tokenizer, tasks, generated: list[list[int]]) -> float:
     return right / len(tasks)
 
 
-__all__ = ["ar_parts", "token_scores", "token_logprobs", "continuation_nll", "perplexity", "generate",
+__all__ = ["ar_parts", "token_scores", "token_logprobs", "continuation_nll", "perplexity",
            "left_pad", "run_generation", "story_quality", "task_accuracy"]

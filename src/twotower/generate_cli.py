@@ -1,4 +1,4 @@
-"""`twotower generate PROMPT`: text from the embedded model (or --model) in any mode.
+"""`twotower generate PROMPT`: text from the embedded model (or --model) in any mode of `MODES`.
 
 Diffusion output streams block by block; `--show-steps` redraws the block being denoised after
 every step, masked positions as `_`, so the order in which tokens are committed can be watched.
@@ -10,24 +10,28 @@ import sys
 
 import torch
 
+from .modes import MODES
+from .sampler import UNMASKING_RULES
 from .tokenizer import IncrementalText
-from .two_tower import GENERATION_MODES
 
 
 def add_arguments(p) -> None:
     p.add_argument("prompt", help="the text to continue")
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--mode", choices=GENERATION_MODES, default="diffusion")
+    p.add_argument("--mode", choices=tuple(MODES), default="diffusion")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=None, help="default: the model's (16)")
     p.add_argument("--steps-per-block", type=int, default=None, help="default: the model's (16)")
     p.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the model's, 0.8)")
-    p.add_argument("--draft-steps", type=int, default=1, help="denoising steps of a speculative draft")
+    p.add_argument("--draft-steps", type=int, default=1, help="denoising steps of a speculative draft (default: 1)")
+    p.add_argument("--unmasking", choices=tuple(UNMASKING_RULES), default="confidence",
+                   help="which predictions a denoising step commits: confidence (above --threshold) or fixed "
+                        "(block size / steps per block each step, the most confident first)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show-steps", action="store_true", help="draw every denoising step (diffusion, speculative)")
+    p.add_argument("--show-steps", action="store_true", help="draw every denoising step (diffusion)")
     p.add_argument("--stats", action="store_true", help="print forwards, tokens per forward and tokens/s")
 
 
@@ -64,7 +68,7 @@ def render_step(tokenizer, step, mask_token_id: int) -> str:
 
 def run(args) -> int:
     from .default import load_model
-    from .evaluate import generate
+    from .modes import run_mode
 
     try:
         model, tokenizer = load_model(args.model)
@@ -75,21 +79,21 @@ def run(args) -> int:
     if ids.shape[1] == 0:
         print("error: the prompt is empty", file=sys.stderr)
         return 2
-    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
-                  generator=torch.Generator().manual_seed(args.seed), return_dict_in_generate=True)
+    common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                  eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True)
     sys.stdout.write(args.prompt)
     stream = None if args.show_steps else TextStream(tokenizer)
     callback = None
-    if args.show_steps and args.mode in ("diffusion", "speculative"):
+    if args.show_steps and MODES[args.mode].uses_diffusion:
         sys.stdout.write("\n")
         mask_id = model.config.mask_token_id
 
         def callback(step):
             print(render_step(tokenizer, step, mask_id), flush=True)
     try:
-        out = generate(model, args.mode, ids, block_size=args.block_size, steps_per_block=args.steps_per_block,
-                       confidence_threshold=args.threshold, draft_steps=args.draft_steps, streamer=stream,
+        out = run_mode(model, args.mode, ids, args.max_new_tokens, block_size=args.block_size,
+                       steps_per_block=args.steps_per_block, confidence_threshold=args.threshold,
+                       unmasking=args.unmasking, draft_steps=args.draft_steps, streamer=stream,
                        step_callback=callback, **common)
     except ValueError as e:
         print(f"\nerror: {e}", file=sys.stderr)
@@ -101,7 +105,7 @@ def run(args) -> int:
         print(f"[{args.mode}] {s.generated_tokens} tokens in {s.wall_time:.2f}s ({s.tokens_per_second:.1f} tok/s); "
               f"denoiser forwards {s.denoiser_forwards}, context forwards {s.context_forwards}, "
               f"tokens per denoiser forward {s.tokens_per_denoiser_forward:.2f}", file=sys.stderr)
-        if args.mode == "speculative":
-            print(f"[speculative] drafted {s.drafted_tokens}, accepted {s.accepted_tokens} "
+        if s.rounds:
+            print(f"[{args.mode}] drafted {s.drafted_tokens}, accepted {s.accepted_tokens} "
                   f"({s.acceptance_rate:.0%}), tokens per round {s.tokens_per_round:.2f}", file=sys.stderr)
     return 0

@@ -1,4 +1,5 @@
-"""Autoregressive decoding, token sampling and generation statistics shared by every mode."""
+"""What every generation mode shares: prompt checks, the state of one call (`Run`), the AR loop,
+the end of a call, statistics and the row streamer."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from .params import GenerateOptions, SamplingParams, split_settings
+from .sampler import sample_next
 
 
 @dataclass
@@ -23,6 +27,11 @@ class RowSpeculation:
     @property
     def rounds(self) -> int:
         return len(self.accepted_per_round)
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens a round commits: the accepted drafts and the AR tower's own token."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
 
 @dataclass
@@ -116,6 +125,12 @@ class RowStreamer:
         pass
 
 
+def left_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of attention_mask [b, n] is zeros then ones (padding only on the left)."""
+    mask = attention_mask.bool()
+    return bool((mask[:, 1:] >= mask[:, :-1]).all())
+
+
 def validate_prompt(input_ids: torch.Tensor, vocab_size: int, attention_mask: torch.Tensor | None = None,
                     forbidden_id: int | None = None) -> None:
     """Raise ValueError for prompts a model cannot take: empty, out-of-vocabulary, a forbidden id."""
@@ -130,6 +145,9 @@ def validate_prompt(input_ids: torch.Tensor, vocab_size: int, attention_mask: to
                              f"{tuple(input_ids.shape)}")
         if not bool(attention_mask.bool().any(-1).all()):
             raise ValueError("empty prompt: a row of attention_mask has no real token")
+        if not left_padded(attention_mask):
+            raise ValueError("attention_mask has padding after a real token (right padding?): generation needs "
+                             "prompts padded on the left; set tokenizer.padding_side = 'left'")
     real = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
     lo, hi = int(real.min()), int(real.max())
     if lo < 0 or hi >= vocab_size:
@@ -139,67 +157,62 @@ def validate_prompt(input_ids: torch.Tensor, vocab_size: int, attention_mask: to
                          "sampler may place")
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Set logits outside the top-k and outside the top-p nucleus to -inf. logits [..., v]."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+@dataclass
+class Run:
+    """One generate call in progress: its settings (the sampling generator fixed for the call),
+    statistics, start time and padding id."""
+
+    sampling: SamplingParams
+    options: GenerateOptions
+    stats: GenerationStats
+    start: float
+    pad_token_id: int
+
+    def out_of_time(self) -> bool:
+        max_time = self.options.max_time
+        return max_time is not None and time.perf_counter() - self.start > max_time
+
+    def put(self, tokens: torch.Tensor) -> None:
+        if self.options.streamer is not None:
+            self.options.streamer.put(tokens.cpu())
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row from logits [b, v]: argmax when temperature <= 0, else sampled."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def check_sampling_args(max_new_tokens: int, temperature: float, top_k, top_p) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def start_run(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+              sampling: SamplingParams, options: GenerateOptions, forbidden_id: int | None = None) -> Run:
+    """Check a call's prompt against the model's `config`, hand the prompt to the streamer, start the
+    clock."""
+    validate_prompt(input_ids, config.vocab_size, attention_mask, forbidden_id)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    stats = options.stats if options.stats is not None else GenerationStats()
+    run = Run(sampling.for_call(), options, stats, time.perf_counter(), config.pad_token_id or 0)
+    run.put(input_ids)
+    return run
 
 
 @torch.no_grad()
-def decode_ar(step, cache, logits: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-              top_k: int | None = None, top_p: float | None = None, generator=None,
-              eos_token_id: int | None = None, pad_token_id: int = 0, streamer=None,
-              stats: GenerationStats | None = None, start: float = 0.0) -> torch.Tensor:
+def decode_ar(step, cache, logits: torch.Tensor, max_new_tokens: int, run: Run) -> torch.Tensor:
     """The AR loop: sample from `logits` [b, v], feed the token back through `step(ids [b', 1],
-    cache) -> logits [b', v]`, until `max_new_tokens` or every row has emitted EOS. The first
-    token's time since `start` goes to `stats.first_block_latency`.
+    cache) -> logits [b', v]`, until `max_new_tokens`, `max_time`, or every row has emitted EOS.
+    The first token's time goes to `stats.first_block_latency`.
 
     Finished rows leave the batch (the cache keeps only active rows), so they cost nothing.
-    Returns the generated tokens [b, n] (n <= max_new_tokens), pad_token_id after a row's EOS.
+    Returns the generated tokens [b, n] (n <= max_new_tokens), pad after a row's EOS.
     """
-    b = logits.shape[0]
-    out = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=logits.device)
+    b, eos = logits.shape[0], run.options.eos_token_id
+    out = torch.full((b, max_new_tokens), run.pad_token_id, dtype=torch.long, device=logits.device)
     active = torch.arange(b, device=logits.device)
     n = 0
     for n in range(1, max_new_tokens + 1):
-        token = sample_next(logits, temperature, top_k, top_p, generator)
+        token = sample_next(logits, run.sampling)
         out[active, n - 1] = token
-        if n == 1 and stats is not None:
-            stats.first_block_latency = time.perf_counter() - start
-        if streamer is not None:
-            streamer.put(token.cpu())
-        if n == max_new_tokens:
+        if n == 1:
+            run.stats.first_block_latency = time.perf_counter() - run.start
+        run.put(token)
+        if n == max_new_tokens or run.out_of_time():
             break
-        if eos_token_id is not None:
-            keep = token != eos_token_id
+        if eos is not None:
+            keep = token != eos
             if not bool(keep.all()):
                 active, token, cache = active[keep], token[keep], cache.select(keep)
                 if active.numel() == 0:
@@ -209,35 +222,35 @@ def decode_ar(step, cache, logits: torch.Tensor, max_new_tokens: int, temperatur
 
 
 @torch.no_grad()
-def generate_ar(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None,
-                eos_token_id: int | None = None, streamer=None, return_dict_in_generate: bool = False,
-                stats: GenerationStats | None = None):
+def generate_ar(model, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
+                attention_mask: torch.Tensor | None = None, sampling: SamplingParams | None = None,
+                options: GenerateOptions | None = None, **kwargs):
     """Cached autoregressive generation with a single-tower model.
 
     Batches of prompts of different lengths are left-padded with `attention_mask` (0 = pad);
-    every row gets the tokens it would get alone. Returns [b, prompt + generated] or a
-    `GenerateOutput` with statistics (also kept in `stats` when given, as they grow).
+    every row gets the tokens it would get alone. Settings come as `SamplingParams` and
+    `GenerateOptions`, or as their fields by keyword (temperature=..., eos_token_id=...).
+    Returns [b, prompt + generated] or a `GenerateOutput` with statistics (also kept in
+    `options.stats` when given, as they grow).
     """
-    config = model.config
-    validate_prompt(input_ids, config.vocab_size, attention_mask)
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    stats, start = stats if stats is not None else GenerationStats(), time.perf_counter()
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+    sampling, _, options = split_settings("generate_ar", kwargs, sampling, None, options,
+                                          takes=("sampling", "options"))
+    refuse_step_callback(options, "generate_ar")
+    run = start_run(model.config, input_ids, attention_mask, max_new_tokens, sampling, options)
     cache = model.new_cache()
     logits = model(input_ids, cache, attention_mask, logits_to_keep=1)[:, -1]
-    stats.context_forwards += 1
+    run.stats.context_forwards += 1
 
     def step(ids, cache):
-        stats.context_forwards += 1
+        run.stats.context_forwards += 1
         return model(ids, cache, logits_to_keep=1)[:, -1]
 
-    new = decode_ar(step, cache, logits, max_new_tokens, temperature, top_k, top_p, generator,
-                    eos_token_id, config.pad_token_id or 0, streamer, stats, start)
-    return finish_generation(input_ids, new, eos_token_id, config.pad_token_id or 0, stats, start, streamer,
-                             return_dict_in_generate)
+    return finish_generation(input_ids, decode_ar(step, cache, logits, max_new_tokens, run), run)
+
+
+def refuse_step_callback(options: GenerateOptions, caller: str) -> None:
+    if options.step_callback is not None:
+        raise ValueError(f"{caller}() has no denoising steps: step_callback is for mask diffusion")
 
 
 def until_eos(new: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
@@ -261,17 +274,27 @@ def after_eos(new: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return is_eos.cumsum(-1) - is_eos > 0
 
 
-def finish_generation(input_ids, new, eos_token_id, pad_token_id, stats, start, streamer, return_dict):
-    """Trim after EOS, count generated tokens (up to and including EOS), close the streamer."""
-    new = new.cpu()
+def streamed_part(block: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+    """What of a committed block [b, L] a streamer gets: each row through its EOS, pad after it,
+    and no column after the last row's EOS (a single row's stream ends at its EOS)."""
     if eos_token_id is None:
-        stats.generated_tokens = new.numel()
+        return block
+    after = after_eos(block, eos_token_id)
+    return block.masked_fill(after, pad_token_id)[:, :int((~after).sum(-1).max())]
+
+
+def finish_generation(input_ids: torch.Tensor, new: torch.Tensor, run: Run):
+    """Trim after EOS (and the columns after every row's EOS), count generated tokens (up to and
+    including EOS), close the streamer, build the result."""
+    new, eos = new.cpu(), run.options.eos_token_id
+    if eos is None:
+        run.stats.generated_tokens = new.numel()
     else:
-        after = after_eos(new, eos_token_id)
-        new = new.masked_fill(after, pad_token_id)
-        stats.generated_tokens = int((~after).sum())
-    stats.wall_time = time.perf_counter() - start
-    if streamer is not None:
-        streamer.end()
+        after = after_eos(new, eos)
+        new = new.masked_fill(after, run.pad_token_id)[:, :int((~after).sum(-1).max())]
+        run.stats.generated_tokens = int((~after).sum())
+    run.stats.wall_time = time.perf_counter() - run.start
+    if run.options.streamer is not None:
+        run.options.streamer.end()
     sequences = torch.cat([input_ids.cpu(), new], dim=1)
-    return GenerateOutput(sequences, stats) if return_dict else sequences
+    return GenerateOutput(sequences, run.stats) if run.options.return_dict_in_generate else sequences

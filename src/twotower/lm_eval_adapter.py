@@ -15,13 +15,15 @@ from Python, `import twotower.lm_eval_adapter` before `lm_eval.simple_evaluate(m
   string or EOS (a row done early rides along until then; with EOS it leaves the batch).
 
 Model arguments: pretrained (default: the embedded model), mode, block_size,
-confidence_threshold, steps_per_block, draft_steps (speculative), max_length (context, default 2048), max_gen_toks
+confidence_threshold, steps_per_block, unmasking, draft_steps (speculative), max_length (context,
+default 2048), max_gen_toks
 (default 256), dtype, plus lm_eval's batch_size and device. A throughput summary is printed
 after each kind of request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,10 +34,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from .default import load_model
-from .evaluate import generate, left_pad, token_scores
+from .evaluate import left_pad, token_scores
 from .generation import GenerationStats, RowStreamer, StopGeneration, through_eos
+from .modes import get_mode, run_mode
+from .params import DiffusionParams
 from .tokenizer import IncrementalText
-from .two_tower import GENERATION_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +51,12 @@ class TwoTowerLM(TemplateLM):
 
     def __init__(self, pretrained: str | None = None, mode: str = "diffusion", block_size: int | None = None,
                  confidence_threshold: float | None = None, steps_per_block: int | None = None,
-                 draft_steps: int | None = None, max_length: int = 2048, max_gen_toks: int = 256, dtype: str = "float32",
+                 unmasking: str = "confidence", draft_steps: int = 1, max_length: int = 2048, max_gen_toks: int = 256,
+                 dtype: str = "float32",
                  batch_size: int | str = 1, max_batch_size: int | None = None, device: str | None = None):
         # lm_eval passes max_batch_size, which only matters for batch_size "auto" (not supported here)
         super().__init__()
-        self.mode = str(mode).replace("_", "-")
-        if self.mode not in GENERATION_MODES:
-            raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
+        self.mode = get_mode(mode).name
         if str(batch_size).startswith("auto"):
             raise ValueError("batch_size 'auto' is not supported by the twotower model; give a number")
         model, self.tokenizer = load_model(pretrained, getattr(torch, dtype))
@@ -62,11 +64,9 @@ class TwoTowerLM(TemplateLM):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # lm_eval's command line asks for cuda:0
         self.model = model.to(device)
         self._device = torch.device(device)
-        settings = {"diffusion": dict(block_size=(int, block_size), confidence_threshold=(float, confidence_threshold),
-                                      steps_per_block=(int, steps_per_block)),
-                    "speculative": dict(block_size=(int, block_size), confidence_threshold=(float, confidence_threshold),
-                                        draft_steps=(int, draft_steps))}.get(self.mode, {})
-        self.settings = {k: kind(v) for k, (kind, v) in settings.items() if v is not None}
+        self.diffusion = DiffusionParams(*(None if v is None else kind(v) for kind, v in (
+            (int, block_size), (int, steps_per_block), (float, confidence_threshold))), unmasking=unmasking,
+            draft_steps=int(draft_steps))
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)
@@ -99,7 +99,9 @@ class TwoTowerLM(TemplateLM):
             return (f"{kind}: {c['requests']} requests, {c['tokens']} tokens scored in {c['forwards']} AR-tower "
                     f"forwards, {c['seconds']:.1f}s, {rate:.1f} tokens/s")
         per_forward = f"{c['tokens'] / c['denoiser_forwards']:.2f}" if c["denoiser_forwards"] else "-"
-        return (f"generate_until ({self.mode}{''.join(f', {k}={v}' for k, v in self.settings.items())}): "
+        shown = {k: v for k, v in dataclasses.asdict(self.diffusion).items() if v is not None}
+        settings = "".join(f", {k}={v}" for k, v in shown.items()) if get_mode(self.mode).uses_diffusion else ""
+        return (f"generate_until ({self.mode}{settings}): "
                 f"{c['requests']} requests, {c['tokens']} tokens generated in {c['seconds']:.1f}s, {rate:.1f} "
                 f"tokens/s, {per_forward} tokens per denoiser forward, {c['context_forwards']} context forwards")
 
@@ -215,9 +217,9 @@ class TwoTowerLM(TemplateLM):
         stats = GenerationStats()
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         try:
-            generate(self.model, self.mode, ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos,
-                     streamer=RowStreamer(len(contexts), take, done.__getitem__, eos), stats=stats,
-                     **self.settings, **sampling)
+            run_mode(self.model, self.mode, ids, max_new, attention_mask=mask, diffusion=self.diffusion,
+                     eos_token_id=eos, streamer=RowStreamer(len(contexts), take, done.__getitem__, eos), stats=stats,
+                     **sampling)
         except StopGeneration:
             pass
         for row, text in enumerate(texts):

@@ -29,15 +29,36 @@ def ar_loss(model, ids: torch.Tensor):
     return loss, ids[:, 1:].numel()
 
 
-def corrupt(ids: torch.Tensor, mask_token_id: int, generator: torch.Generator | None = None, t=None):
+def corrupt(ids: torch.Tensor, mask_token_id: int, generator: torch.Generator | None = None, t=None,
+            loss_mask: torch.Tensor | None = None):
     """Absorbing-state noise: t ~ U[eps, 1] per row (unless given), each token masked with prob t.
+    `loss_mask` [b, n] bool: where masking may happen (False at a prompt's positions, which stay
+    clean and are never scored, as the `loss_mask` of Megatron-LM's diffusion data).
 
     Returns (noisy [b, n], masked [b, n] bool, t [b])."""
     b, n = ids.shape
     if t is None:
         t = (1 - T_EPS) * torch.rand(b, generator=generator, device="cpu").to(ids.device) + T_EPS
     masked = torch.rand(b, n, generator=generator, device="cpu").to(ids.device) < t[:, None]
+    if loss_mask is not None:
+        masked &= loss_mask.to(masked.device).bool()
     return ids.masked_fill(masked, mask_token_id), masked, t
+
+
+def prompt_loss_mask(ids: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
+    """[b, n] bool, False at the first `prompt_tokens` positions of every row (the prompt of a
+    distillation row, see `twotower.distill`), True after them."""
+    return (torch.arange(ids.shape[1], device=ids.device) >= prompt_tokens).expand_as(ids)
+
+
+def certainty_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Certainty forcing (dParallel, Chen et al. 2025): the entropy of the predicted distribution,
+    summed over the positions whose argmax already is the target. Minimising it makes right
+    predictions confident, so more of them pass the sampler's threshold in one step; wrong ones are
+    left to the cross-entropy. logits [n, v] float, targets [n] -> scalar."""
+    logp = logits.float().log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return entropy[logits.argmax(-1) == targets].sum()
 
 
 @torch.no_grad()
@@ -93,22 +114,29 @@ def denoiser_all_blocks(model, noisy: torch.Tensor, t: torch.Tensor, context_sta
 
 
 def diffusion_loss(model, ids: torch.Tensor, block_size: int | None = None,
-                   generator: torch.Generator | None = None, noise=None):
-    """Masked-diffusion loss over clean ids [b, n]: (sum of CE at masked positions, #masked).
+                   generator: torch.Generator | None = None, noise=None, loss_mask: torch.Tensor | None = None,
+                   certainty_weight: float = 0.0):
+    """Masked-diffusion loss over clean ids [b, n]: (sum of CE at masked positions, #masked),
+    plus `certainty_weight` times `certainty_sum` at those positions.
 
     Runs through `model(...)` so that a DDP/FSDP wrapper sees it. `noise` = (noisy, masked, t)
-    fixes the corruption; otherwise it is drawn here."""
-    return model(ids, diffusion_block_size=block_size or 0, noise=noise, generator=generator)
+    fixes the corruption; otherwise it is drawn here, never at positions where `loss_mask` is False."""
+    return model(ids, diffusion_block_size=block_size or 0, noise=noise, generator=generator,
+                 loss_mask=loss_mask, certainty_weight=certainty_weight)
 
 
-def masked_diffusion_loss(model, ids: torch.Tensor, block_size: int,
-                          generator: torch.Generator | None = None, noise=None):
+def masked_diffusion_loss(model, ids: torch.Tensor, block_size: int, generator: torch.Generator | None = None,
+                          noise=None, loss_mask: torch.Tensor | None = None, certainty_weight: float = 0.0):
     """The computation behind `diffusion_loss` (block_size 0: the model's)."""
     L = block_size or model.config.block_size
-    noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator)
+    noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator,
+                                                               loss_mask=loss_mask)
     states = context_block_states(model, ids, L)
     logits = denoiser_all_blocks(model, noisy, t, states, L, positions=masked)
-    loss = F.cross_entropy(logits, ids[masked], reduction="sum")
+    targets = ids[masked]
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    if certainty_weight:
+        loss = loss + certainty_weight * certainty_sum(logits, targets)
     return loss, masked.sum()
 
 

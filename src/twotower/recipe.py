@@ -6,6 +6,9 @@
     ar         AR pre-training of a NemotronH backbone -> OUT/ar/model
     diffusion  both towers from the backbone, masked-diffusion training with the context frozen,
                one stage per block size (the release trained at 32, then 16) -> OUT/diffusion-S*/model
+    distill-data  corpus and task prompts continued greedily by the AR tower -> OUT/distill-data/shards
+    distill    masked diffusion on those rows, prompts never masked, with certainty forcing
+               -> OUT/distill/model (see `twotower.distill`)
     export     bfloat16 model + tokenizer + model card with measured quality -> OUT/model
 
 Each stage writes `done.json` when finished and is skipped on a rerun; training stages resume from
@@ -25,10 +28,12 @@ import torch
 from .bench import load_prompts
 from .config import NemotronHConfig
 from .data import TokenBatches, list_files, pack_corpus, read_documents
+from .distill import distillation_prompts, make_distillation_shards, read_meta
 from .evaluate import run_generation, story_quality, task_accuracy, token_logprobs
 from .hub import to_dtype
 from .modeling import NemotronHForCausalLM
-from .objectives import ar_loss, diffusion_loss
+from .modes import MODES
+from .objectives import ar_loss, diffusion_loss, prompt_loss_mask
 from .tasks import make_tasks, task_text
 from .tokenizer import load_tokenizer, train_tokenizer
 from .trainer import Trainer, TrainConfig
@@ -53,6 +58,14 @@ class Recipe:
                       "wind.txt", "holiday.txt", "water.txt", "duke.txt")
     heldout_stories_from: str = "tinystories_val_head.txt"
     eval_new_tokens: int = 48
+    # distillation from the AR tower (`twotower.distill`); 0 rows: no distillation stages
+    distill_rows: int = 24000
+    distill_prompt_tokens: int = 16  # a multiple of the block size: blocks start where the prompt ends
+    distill_continuation_tokens: int = 64
+    distill_task_fraction: float = 0.25
+    distill_steps: int = 3000
+    distill_lr: float = 3e-4
+    certainty_weight: float = 0.5
     seed: int = 0
 
 
@@ -74,6 +87,7 @@ RECIPES = {
                    moe_intermediate_size=16, moe_shared_expert_intermediate_size=32),
         vocab_size=300, seq_len=32, batch_size=4, ar_steps=6, diffusion_stages=((8, 3), (4, 3)),
         train_tasks=50, heldout_tasks=4, story_prompts=2, eval_new_tokens=8,
+        distill_rows=8, distill_prompt_tokens=4, distill_continuation_tokens=8, distill_steps=3,
     ),
 }
 
@@ -143,12 +157,19 @@ def _stage(out: Path, name: str, fn):
     return result
 
 
-def _train(model, loss_fn, folder: Path, data: Path, r: Recipe, steps: int, lr: float, seed: int):
-    train = TokenBatches(data, "train", r.seq_len + 1, r.batch_size, seed=seed)
-    held = TokenBatches(data, "heldout", r.seq_len + 1, r.batch_size, seed=seed)
-    cfg = TrainConfig(max_steps=steps, lr=lr, final_lr=lr / 10, warmup_frac=0.02, decay_frac=0.25,
-                      weight_decay=0.1, eval_every=max(steps // 5, 1), eval_batches=4,
-                      checkpoint_every=max(min(100, steps // 4), 1), log_every=10, out_dir=str(folder), seed=seed)
+def _batches(data: Path, seq_len: int, batch_size: int, seed: int):
+    """(training batches, held-out batches) of `seq_len`-token rows."""
+    return (TokenBatches(data, "train", seq_len, batch_size, seed=seed),
+            TokenBatches(data, "heldout", seq_len, batch_size, seed=seed))
+
+
+def _train(model, loss_fn, folder: Path, batches, steps: int, lr: float, seed: int, **settings):
+    """Train with the recipe's schedule (`settings` override TrainConfig fields); save the model."""
+    train, held = batches
+    cfg = TrainConfig(**{**dict(max_steps=steps, lr=lr, final_lr=lr / 10, warmup_frac=0.02, decay_frac=0.25,
+                                weight_decay=0.1, eval_every=max(steps // 5, 1), eval_batches=4,
+                                checkpoint_every=max(min(100, steps // 4), 1), log_every=10,
+                                out_dir=str(folder), seed=seed), **settings})
     record = Trainer(model, loss_fn, train, cfg, eval_data=held).train()
     model.save_pretrained(folder / "model")
     return record
@@ -173,7 +194,8 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
         config = NemotronHConfig(**r.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         model = NemotronHForCausalLM(config)
-        return _train(model, ar_loss, folder, shards, r, r.ar_steps, r.ar_lr, r.seed)
+        return _train(model, ar_loss, folder, _batches(shards, r.seq_len + 1, r.batch_size, r.seed), r.ar_steps,
+                      r.ar_lr, r.seed)
 
     _stage(out, "ar", pretrain)
     previous = None
@@ -189,12 +211,40 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
             else:
                 model = TwoTowerForCausalLM.from_pretrained(out / previous / "model")
                 model.config.block_size = block_size
-            return _train(model, lambda m, b: diffusion_loss(m, b[:, :-1], block_size), folder, shards, r,
-                          steps, r.diffusion_lr, r.seed + block_size)
+            return _train(model, lambda m, b: diffusion_loss(m, b[:, :-1], block_size), folder,
+                          _batches(shards, r.seq_len + 1, r.batch_size, r.seed + block_size), steps,
+                          r.diffusion_lr, r.seed + block_size)
 
         _stage(out, stage, diffuse)
         previous = stage
+    if r.distill_rows:
+        teacher = out / previous / "model"
+        _stage(out, "distill-data", lambda f: make_distillation_shards(
+            TwoTowerForCausalLM.from_pretrained(teacher),
+            distillation_prompts(out / "corpus" / "corpus", tokenizer, r.distill_rows, r.distill_prompt_tokens,
+                                 r.distill_task_fraction, r.seed),
+            f / "shards", r.distill_continuation_tokens, seed=r.seed))
+        _stage(out, "distill", lambda f: distill_stage(teacher, out / "distill-data" / "shards", f, r))
+        previous = "distill"
     return _stage(out, "export", lambda f: export(out / previous / "model", out, f, r, corpus))
+
+
+def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe) -> dict:
+    """Masked diffusion on distillation rows (float32 weights, bfloat16 autocast): prompt positions
+    never masked or scored, certainty forcing at `r.certainty_weight`."""
+    torch.manual_seed(r.seed)
+    model = to_dtype(TwoTowerForCausalLM.from_pretrained(model_dir), torch.float32)
+    meta, block = read_meta(shards), model.config.block_size
+    if meta.get("prompt_tokens", 0) % block:
+        raise ValueError(f"distillation prompts of {meta.get('prompt_tokens')} tokens do not end at a block "
+                         f"boundary (block size {block})")
+
+    def loss_fn(m, batch):
+        return diffusion_loss(m, batch, block, loss_mask=prompt_loss_mask(batch, meta["prompt_tokens"]),
+                              certainty_weight=r.certainty_weight)
+
+    return _train(model, loss_fn, folder, _batches(shards, meta["row_tokens"], r.batch_size, r.seed),
+                  r.distill_steps, r.distill_lr, r.seed, autocast_bf16=True)
 
 
 # ---------------------------------------------------------------- export and model card
@@ -207,8 +257,8 @@ def measure(model, tokenizer, out: Path, r: Recipe) -> dict:
     nll = torch.cat([-token_logprobs(model, held.batch(i)).flatten() for i in range(min(8, len(held)))])
     stories, tasks = load_prompts(out / "corpus")
     result = {"heldout_ar_perplexity": float(torch.exp(nll.mean())), "modes": {}}
-    for mode in ("ar", "mock-ar", "diffusion"):
-        kw = dict(block_size=16, confidence_threshold=0.8) if mode == "diffusion" else {}
+    for mode in MODES:
+        kw = dict(block_size=16, confidence_threshold=0.8) if MODES[mode].uses_diffusion else {}
         gen, s = run_generation(model, tokenizer, stories, mode, r.eval_new_tokens, **kw)
         tgen, _ = run_generation(model, tokenizer, [t.prompt for t in tasks], mode, 16, **kw)
         result["modes"][mode] = {

@@ -10,10 +10,11 @@ a client that goes away, or whose answer hit a stop string, stops taking part in
 
 Safe defaults: loopback only, an optional API key on every route but /health, limits on body
 size, prompt length and max_tokens, and an OpenAI-style 4xx error body for every bad request.
-Beyond the OpenAI parameters a request may set `mode` (diffusion, speculative, mock-ar, ar),
-`block_size`, `steps_per_block`, `draft_steps`, `confidence_threshold` and `top_k`;
-`usage.tokens_per_denoiser_forward` reports how many tokens each denoiser forward produced for it,
-and in speculative mode `usage` adds its drafted and accepted tokens and tokens per round.
+Beyond the OpenAI parameters a request may set `mode` (a name of `MODES`: diffusion,
+speculative, mock-ar, ar), `block_size`, `steps_per_block`, `draft_steps`, `confidence_threshold`,
+`unmasking` and `top_k`; `usage.tokens_per_denoiser_forward` reports how many tokens each denoiser
+forward produced for it, and in speculative mode `usage` adds its drafted and accepted tokens and
+the tokens per draft-and-verify round.
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .evaluate import generate, left_pad
+from .evaluate import left_pad
 from .generation import GenerationStats, RowStreamer, StopGeneration, through_eos
+from .modes import MODES, get_mode, run_mode
+from .params import MIN_TEMPERATURE, DiffusionParams, SamplingParams
+from .sampler import UNMASKING_RULES
 from .tokenizer import IncrementalText
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # a base model would otherwise go on to write the user's next turn
 MAX_STOP_CHARS = 64
-MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy in all but name and logits / t can overflow
 _TYPE_NAME = re.compile(r"str|int|float|bool|list\[.*\]|_\w+")
 
 
@@ -110,11 +113,12 @@ class _Request(BaseModel):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     user: str | None = None
-    mode: Literal["diffusion", "speculative", "mock-ar", "ar"] | None = None
+    mode: Literal[tuple(MODES)] | None = None
     block_size: int | None = Field(None, ge=1, le=256)
     steps_per_block: int | None = Field(None, ge=1, le=1024)
     draft_steps: int | None = Field(None, ge=1, le=256)
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    unmasking: Literal[tuple(UNMASKING_RULES)] | None = None
 
 
 class CompletionRequest(_Request):
@@ -151,9 +155,10 @@ class Sampling:
     block_size: int | None
     steps_per_block: int | None
     confidence_threshold: float | None
+    unmasking: str | None
     seed: int | None
-    draft_steps: int | None
     stop: tuple[str, ...]
+    draft_steps: int | None = None
 
     def batch_key(self):
         """Requests with equal keys may be decoded in one batch; None: this one runs alone (a seeded
@@ -161,11 +166,18 @@ class Sampling:
         sampled = self.temperature > 0
         if sampled and self.seed is not None:
             return None
-        diffusion, speculative = self.mode == "diffusion", self.mode == "speculative"
-        return (self.mode, self.temperature, self.top_p if sampled else None, self.top_k if sampled else None,
-                self.block_size if diffusion or speculative else None, self.steps_per_block if diffusion else None,
-                self.confidence_threshold if diffusion or speculative else None,
-                self.draft_steps if speculative else None)
+        return (self.mode, self.sampling_params(), self.diffusion_params())
+
+    def sampling_params(self) -> SamplingParams:
+        if self.temperature < MIN_TEMPERATURE:
+            return SamplingParams()
+        return SamplingParams(self.temperature, self.top_k, self.top_p, seed=self.seed)
+
+    def diffusion_params(self) -> DiffusionParams | None:
+        if not get_mode(self.mode).uses_diffusion:
+            return None
+        return DiffusionParams(self.block_size, self.steps_per_block, self.confidence_threshold,
+                               unmasking=self.unmasking or "confidence", draft_steps=self.draft_steps or 1)
 
 
 def chat_prompt(messages: list[_Message]) -> str:
@@ -262,11 +274,11 @@ class Job:
         usage = {"prompt_tokens": len(self.prompt_ids), "completion_tokens": self.completion_tokens,
                  "total_tokens": len(self.prompt_ids) + self.completion_tokens,
                  "tokens_per_denoiser_forward": self.completion_tokens / forwards if forwards else None}
-        if self.batch_stats is not None and self.sampling.mode == "speculative":
-            stats, row = self.batch_stats
+        stats, row = self.batch_stats or (None, None)
+        if stats is not None and stats.speculation:  # speculative decoding: this row's rounds
             s = stats.speculation[row]
             usage.update(drafted_tokens=s.drafted, accepted_tokens=s.accepted,
-                         tokens_per_round=(s.accepted + s.rounds) / s.rounds if s.rounds else None)
+                         tokens_per_round=s.tokens_per_round if s.rounds else None)
         return usage
 
     async def events_until(self, request: Request, deadline: float):
@@ -392,14 +404,9 @@ class Engine:
             job.batch_stats = (stats, row)
         try:
             ids, mask = left_pad([job.prompt_ids for job in jobs], self.pad_id)
-            seeded = s.seed is not None and s.temperature > 0
-            kwargs = dict(max_new_tokens=max(job.sampling.max_tokens for job in jobs), temperature=s.temperature,
-                          top_k=s.top_k, top_p=s.top_p, eos_token_id=self.eos_id, attention_mask=mask,
-                          streamer=streamer, generator=torch.Generator().manual_seed(s.seed) if seeded else None)
-            if s.mode == "speculative":
-                kwargs["draft_steps"] = s.draft_steps or 1
-            generate(self.model, s.mode, ids, block_size=s.block_size, steps_per_block=s.steps_per_block,
-                     confidence_threshold=s.confidence_threshold, step_callback=count_step, stats=stats, **kwargs)
+            run_mode(self.model, s.mode, ids, max(job.sampling.max_tokens for job in jobs), attention_mask=mask,
+                     sampling=s.sampling_params(), diffusion=s.diffusion_params(), eos_token_id=self.eos_id,
+                     streamer=streamer, step_callback=count_step, stats=stats)
         except StopGeneration:
             pass
         except Exception as e:  # a failed batch answers its requests; the worker goes on
@@ -488,7 +495,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                         temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
                         top_p=req.top_p, top_k=req.top_k, block_size=req.block_size,
                         steps_per_block=req.steps_per_block, confidence_threshold=req.confidence_threshold,
-                        seed=req.seed, stop=stop + extra_stop, draft_steps=req.draft_steps)
+                        unmasking=req.unmasking, seed=req.seed, stop=stop + extra_stop, draft_steps=req.draft_steps)
 
     def prompt_ids(prompt: str | list[int], param: str) -> list[int]:
         """The prompt's token ids, checked against the server's limits and the vocabulary."""

@@ -4,6 +4,9 @@
     twotower train --objective ar --model-config backbone.json --data shards/ --out runs/ar
     # masked diffusion; --model is a two-tower folder, or a single-tower one (both towers from it)
     twotower train --objective diffusion --model runs/ar/model --data shards/ --out runs/s16 --block-size 16
+    # the same on distillation rows (`twotower.distill`): whole rows, prompts never masked or scored
+    twotower train --objective diffusion --model runs/s16/model --data distill/shards --out runs/d \
+        --certainty-weight 0.5
 
 Optimiser and schedule settings come from `--config` (YAML or JSON, the fields of
 `twotower.trainer.TrainConfig`) and the flags that override it. Rerunning the same command resumes.
@@ -21,8 +24,10 @@ import torch
 
 from .config import NemotronHConfig
 from .data import TokenBatches
+from .hub import to_dtype
 from .modeling import NemotronHForCausalLM
-from .objectives import ar_loss, diffusion_loss
+from .distill import DISTILLATION, read_meta
+from .objectives import ar_loss, diffusion_loss, prompt_loss_mask
 from .trainer import Trainer, TrainConfig, exit_distributed
 from .two_tower import TwoTowerForCausalLM
 
@@ -34,16 +39,19 @@ def add_arguments(p) -> None:
     p.add_argument("--model", help="initial model folder")
     p.add_argument("--model-config", help="config.json of a new backbone (AR objective, no --model)")
     p.add_argument("--config", help="TrainConfig as YAML or JSON")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (distillation data: its row length)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (rows)")
     p.add_argument("--block-size", type=int, default=None, help="diffusion block size (default: the model's)")
+    p.add_argument("--certainty-weight", type=float, default=0.0,
+                   help="diffusion: weight of certainty forcing (entropy of right predictions), 0 = off")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
 
 
-def build(args):
-    """(model, loss_fn) for the arguments; a clear ValueError for what does not fit."""
+def build(args, prompt_tokens: int = 0):
+    """(model, loss_fn) for the arguments; a clear ValueError for what does not fit. Diffusion rows
+    whose first `prompt_tokens` positions are a prompt never mask or score them."""
     if args.objective == "ar":
         if args.model:
             model = NemotronHForCausalLM.from_pretrained(args.model)
@@ -64,8 +72,16 @@ def build(args):
         raise ValueError(f"--block-size must be >= 1, got {block}")
     if args.seq_len < block:
         raise ValueError(f"--seq-len ({args.seq_len}) is below the block size ({block}): no block would be whole")
+    if prompt_tokens % block:
+        raise ValueError(f"the data's prompts of {prompt_tokens} tokens do not end at a block boundary "
+                         f"(block size {block})")
     model.config.block_size = block
-    return model, lambda m, batch: diffusion_loss(m, batch, block)
+
+    def loss_fn(m, batch):
+        mask = prompt_loss_mask(batch, prompt_tokens) if prompt_tokens else None
+        return diffusion_loss(m, batch, block, loss_mask=mask, certainty_weight=args.certainty_weight)
+
+    return model, loss_fn
 
 
 def run(args) -> int:
@@ -74,11 +90,17 @@ def run(args) -> int:
         overrides = {"max_steps": args.max_steps, "lr": args.lr, "seed": args.seed}
         values.update({k: v for k, v in overrides.items() if v is not None}, out_dir=args.out)
         cfg = TrainConfig.from_dict(values)
-        extra = 1 if args.objective == "ar" else 0  # AR needs one more token for the shifted targets
-        data = TokenBatches(args.data, "train", args.seq_len + extra, args.batch_size, seed=cfg.seed)
-        held = TokenBatches(args.data, "heldout", args.seq_len + extra, args.batch_size, seed=cfg.seed)
+        seq_len = args.seq_len + (1 if args.objective == "ar" else 0)  # AR: one more for the shifted targets
+        meta = read_meta(args.data)
+        if meta.get("kind") == DISTILLATION:
+            if args.objective != "diffusion":
+                raise ValueError(f"{args.data} holds distillation rows, which train the diffusion objective")
+            seq_len = meta["row_tokens"]  # whole rows: a prompt, then its continuation
+        data = TokenBatches(args.data, "train", seq_len, args.batch_size, seed=cfg.seed)
+        held = TokenBatches(args.data, "heldout", seq_len, args.batch_size, seed=cfg.seed)
         torch.manual_seed(cfg.seed)  # fresh weights equal on every rank: FSDP2 shards each rank's own copy
-        model, loss_fn = build(args)
+        model, loss_fn = build(args, meta.get("prompt_tokens", 0) if meta.get("kind") == DISTILLATION else 0)
+        to_dtype(model, torch.float32)  # float32 master weights (a shipped folder is bfloat16); autocast is a setting
         top = int(data.tokens.max())
         if top >= model.config.vocab_size:
             raise ValueError(f"the data holds token ids up to {top}, beyond the model's "

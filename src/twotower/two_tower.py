@@ -23,14 +23,17 @@ from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .cache import HybridCache, kept_columns
 from .config import NemotronHConfig
-from .generation import (GenerateOutput, GenerationStats, check_sampling_args, decode_ar, finish_generation,
-                         until_eos, validate_prompt)
+from .generation import (GenerateOutput, GenerationStats, decode_ar, finish_generation, refuse_step_callback,
+                         start_run, streamed_part, until_eos)
 from .hub import to_dtype
 from .linear import Linear
 from .modeling import NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel
+from .modes import Mode, get_mode, register_mode, run_mode
 from .objectives import masked_diffusion_loss
-from .sampler import DenoiseStep, block_time, commit_confident
-from .speculative import Sampling, SpeculativeParams, generate_speculative
+from .params import (DIFFUSION_CONFIG_FIELDS, DiffusionParams, GenerateOptions, SamplingParams, generation_settings,
+                     split_settings)
+from .sampler import DenoiseStep, sample_block
+from .speculative import generate_speculative
 from .time_conditioning import TimestepEmbedder
 
 
@@ -47,17 +50,6 @@ class TwoTowerConfig(NemotronHConfig):
         if not self.architectures:
             self.architectures = ["NemotronHTwoTowerForCausalLM"]
         super().__post_init__(**kwargs)
-
-
-GENERATION_MODES = ("diffusion", "speculative", "mock-ar", "ar")
-DIFFUSION_SETTINGS = ("block_size", "steps_per_block", "confidence_threshold", "mask_token_id")
-# generation-config fields `generate` cannot honour, with the value that means "off"
-UNSUPPORTED_SETTINGS = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
-                        "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0, "bad_words_ids": None,
-                        "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
-                        "stop_strings": None, "min_p": None, "typical_p": 1.0, "penalty_alpha": None,
-                        "guidance_scale": 1.0, "output_scores": False, "output_logits": False,
-                        "output_attentions": False, "output_hidden_states": False}
 
 
 class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
@@ -101,7 +93,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
     def context_model(self) -> NemotronHForCausalLM:
         """The context tower and its head as a single-tower AR model (shares the weights)."""
         # auto_map points at the two-tower modules of an exported folder
-        two_tower_only = (*DIFFUSION_SETTINGS, "time_embedding_dim", "architectures", "auto_map")
+        two_tower_only = (*DIFFUSION_CONFIG_FIELDS, "time_embedding_dim", "architectures", "auto_map")
         config = NemotronHConfig(**{k: v for k, v in self.config.to_dict().items() if k not in two_tower_only})
         with torch.device("meta"):
             single = NemotronHForCausalLM(config)
@@ -157,13 +149,15 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         return self.lm_head(self.denoiser_tower.norm_f(h)).float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                diffusion_block_size: int | None = None, noise=None, generator: torch.Generator | None = None):
+                diffusion_block_size: int | None = None, noise=None, generator: torch.Generator | None = None,
+                loss_mask: torch.Tensor | None = None, certainty_weight: float = 0.0):
         """With `diffusion_block_size`: the masked-diffusion training loss of clean input_ids [b, n]
         as (sum over masked positions, their number), see `twotower.objectives`; going through
         forward lets DDP/FSDP wrappers see the training step. Otherwise: the context tower's causal
         LM logits [b, n, vocab] (float32)."""
         if diffusion_block_size is not None:
-            return masked_diffusion_loss(self, input_ids, diffusion_block_size, generator, noise)
+            return masked_diffusion_loss(self, input_ids, diffusion_block_size, generator, noise, loss_mask,
+                                         certainty_weight)
         h = self.context_tower(input_ids.to(self.context_device), None, attention_mask)
         return self.context_lm_head(h).float()
 
@@ -176,22 +170,6 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         return cache
 
     # ------------------------------------------------------------------ generation
-
-    def _settings(self, block_size, steps_per_block, mask_token_id, confidence_threshold):
-        c = self.config
-        block_size = c.block_size if block_size is None else block_size
-        steps = c.steps_per_block if steps_per_block is None else steps_per_block
-        mask_id = c.mask_token_id if mask_token_id is None else mask_token_id
-        threshold = c.confidence_threshold if confidence_threshold is None else confidence_threshold
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps_per_block must be an integer >= 1, got {steps!r}")
-        if not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"confidence_threshold must be in [0, 1], got {threshold}")
-        if not 0 <= mask_id < c.vocab_size:
-            raise ValueError(f"mask_token_id {mask_id} is outside the vocabulary")
-        return block_size, steps, mask_id, float(threshold)
 
     def _context_for(self, rows: "_Rows", upto: int, use_cache: bool, stats: GenerationStats):
         """The context tower's cache over rows.seq[:, :upto] and the hidden states of the positions it
@@ -208,183 +186,132 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         stats.context_forwards += 1
         return rows.context, h
 
-    def _begin(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, streamer, stats,
-               forbidden_id=None):
-        validate_prompt(input_ids, self.config.vocab_size, attention_mask, forbidden_id)
-        check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        return _Rows(input_ids.cpu(), None if attention_mask is None else attention_mask.cpu().bool()), \
-            stats if stats is not None else GenerationStats(), time.perf_counter()
+    def _begin(self, input_ids, attention_mask, max_new_tokens, sampling, options, forbidden_id=None):
+        run = start_run(self.config, input_ids, attention_mask, max_new_tokens, sampling, options, forbidden_id)
+        return _Rows(input_ids.cpu(), None if attention_mask is None else attention_mask.cpu().bool()), run
 
     @torch.no_grad()
-    def generate_mask_diffusion(self, input_ids: torch.Tensor, max_new_tokens: int = 128,
-                                block_size: int | None = None, steps_per_block: int | None = None,
-                                mask_token_id: int | None = None, temperature: float = 0.0,
-                                confidence_threshold: float | None = None, eos_token_id: int | None = None,
-                                attention_mask: torch.Tensor | None = None, top_k: int | None = None,
-                                top_p: float | None = None, generator: torch.Generator | None = None,
-                                streamer=None, step_callback=None, use_cache: bool = True,
-                                return_dict_in_generate: bool = False, stats: GenerationStats | None = None):
+    def generate_mask_diffusion(self, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
+                                attention_mask: torch.Tensor | None = None, sampling: SamplingParams | None = None,
+                                diffusion: DiffusionParams | None = None, options: GenerateOptions | None = None,
+                                **kwargs):
         """Block-wise mask diffusion: each block starts all-mask and is denoised for up to
-        `steps_per_block` steps, committing confident positions (see `twotower.sampler`); the
-        committed block then advances the context tower.
+        `steps_per_block` steps by `sampler.sample_block`, whose unmasking rule commits positions;
+        the committed block then advances the context tower.
+
+        Settings: `SamplingParams`, `DiffusionParams` (None fields: the model config's) and
+        `GenerateOptions`, or any of their fields by keyword (temperature=..., block_size=...,
+        eos_token_id=...), which override the objects' fields.
 
         Prompts of different lengths are left-padded with `attention_mask`. A row stops after the
-        block holding its EOS (later tokens become pad) and leaves the batch. `use_cache=False`
-        recomputes the context tower from scratch for every block: the slow exact reference.
-        Returns [b, prompt + generated] or a `GenerateOutput` with statistics; a `stats` given is
-        filled as they grow (all three modes), so a streamer may end the call early
+        block holding its EOS (later tokens become pad, never streamed) and leaves the batch.
+        `use_cache=False` recomputes the context tower from scratch for every block: the slow exact
+        reference. Returns [b, prompt + generated] or a `GenerateOutput` with statistics; a `stats`
+        given is filled as they grow (all three modes), so a streamer may end the call early
         (`generation.RowStreamer`) and the counts so far remain.
         """
-        L, T, mask_id, threshold = self._settings(block_size, steps_per_block, mask_token_id, confidence_threshold)
-        rows, stats, start = self._begin(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                                         streamer, stats, forbidden_id=mask_id)
-        pad = self.config.pad_token_id or 0
+        sampling, diffusion, options = split_settings("generate_mask_diffusion", kwargs, sampling, diffusion, options)
+        diffusion = diffusion.resolve(self.config)
+        L, mask_id, rule = diffusion.block_size, diffusion.mask_token_id, diffusion.rule()
+        rows, run = self._begin(input_ids, attention_mask, max_new_tokens, sampling, options, forbidden_id=mask_id)
+        eos, stats = options.eos_token_id, run.stats
         num_blocks = -(-max_new_tokens // L)
-        out = torch.full((input_ids.shape[0], num_blocks * L), pad, dtype=torch.long)
+        out = torch.full((input_ids.shape[0], num_blocks * L), run.pad_token_id, dtype=torch.long)
         for blk in range(num_blocks):
-            context, _ = self._context_for(rows, rows.seq.shape[1], use_cache, stats)
+            context, _ = self._context_for(rows, rows.seq.shape[1], options.use_cache, stats)
             context = context.to(self.denoiser_device)  # the context crosses devices once per block
-            x = torch.full((len(rows.index), L), mask_id, dtype=torch.long, device=self.denoiser_device)
-            for step in range(T):
-                masked = x == mask_id
-                if not bool(masked.any()):
-                    break
-                logits = self.denoise_block(x, block_time(masked), context, positions=masked)
+
+            def denoise(x, t):
                 stats.denoiser_forwards += 1
-                x, committed = commit_confident(x, logits, step, T, mask_id, threshold, temperature,
-                                                top_k, top_p, generator)
-                if step_callback is not None:
-                    step_callback(DenoiseStep(blk, step, x.cpu(), committed.cpu(), rows.index.clone()))
-            block = x.cpu()
+                return self.denoise_block(x, t, context, positions=x == mask_id)
+
+            def on_step(step, x, committed):
+                if options.step_callback is not None:
+                    options.step_callback(DenoiseStep(blk, step, x.cpu(), committed.cpu(), rows.index.clone()))
+
+            x = torch.full((len(rows.index), L), mask_id, dtype=torch.long, device=self.denoiser_device)
+            block = sample_block(denoise, rule, x, diffusion.steps_per_block, mask_id, run.sampling, on_step).cpu()
             out[rows.index, blk * L:(blk + 1) * L] = block
             if stats.first_block_latency is None:
-                stats.first_block_latency = time.perf_counter() - start
-            if streamer is not None:
-                streamer.put(until_eos(block, eos_token_id, pad)[:, :max_new_tokens - blk * L])
+                stats.first_block_latency = time.perf_counter() - run.start
+            run.put(streamed_part(block[:, :max_new_tokens - blk * L], eos, run.pad_token_id))
             rows.append(block)
-            if eos_token_id is not None:
-                rows = rows.select(~(block == eos_token_id).any(-1))
-                if len(rows.index) == 0:
-                    break
-        return finish_generation(input_ids, out[:, :max_new_tokens], eos_token_id, pad, stats, start, streamer,
-                                 return_dict_in_generate)
+            if eos is not None:
+                rows = rows.select(~(block == eos).any(-1))
+            if len(rows.index) == 0 or run.out_of_time():
+                out = out[:, :(blk + 1) * L]
+                break
+        return finish_generation(input_ids, out[:, :max_new_tokens], run)
 
-    def generate_speculative(self, input_ids: torch.Tensor, max_new_tokens: int = 128, block_size: int | None = None,
-                             draft_steps: int = 1, confidence_threshold: float | None = None,
-                             mask_token_id: int | None = None, temperature: float = 0.0,
-                             eos_token_id: int | None = None, top_k: int | None = None, top_p: float | None = None,
-                             **options):
-        """Lossless draft-and-verify decoding: each round the denoiser drafts a block in
-        `draft_steps` steps and the context tower checks it in one forward; the agreeing prefix
-        and one AR token are committed (see `twotower.speculative`). Greedy, the tokens are
-        `generate_ar`'s; sampled, their distribution is.
-
-        `options`: attention_mask, generator, streamer (tokens in lockstep across rows),
-        step_callback (every draft step), use_cache, return_dict_in_generate, stats (with
-        drafted and accepted tokens per row and round). Returns what `generate_ar` returns.
-        """
-        unknown = set(options) - {"attention_mask", "generator", "streamer", "step_callback", "use_cache",
-                                  "return_dict_in_generate", "stats"}
-        if unknown:
-            raise TypeError(f"generate_speculative() got unexpected arguments {sorted(unknown)}")
-        c = self.config
-        params = SpeculativeParams(c.block_size if block_size is None else block_size, draft_steps,
-                                   c.confidence_threshold if confidence_threshold is None else confidence_threshold,
-                                   c.mask_token_id if mask_token_id is None else mask_token_id)
-        return generate_speculative(self, input_ids, max_new_tokens, params, Sampling(temperature, top_k, top_p),
-                                    eos_token_id, options)
+    def generate_speculative(self, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
+                             attention_mask: torch.Tensor | None = None, sampling: SamplingParams | None = None,
+                             diffusion: DiffusionParams | None = None, options: GenerateOptions | None = None,
+                             **kwargs):
+        """Lossless draft-and-verify decoding: each round the denoiser drafts a block of
+        `block_size` in `draft_steps` steps and the context tower checks it in one forward; the
+        agreeing prefix and one AR token are committed (see `twotower.speculative`). Greedy, the
+        tokens are `generate_ar`'s; sampled, their distribution is. Settings as for
+        `generate_mask_diffusion` (steps_per_block unused); the streamer gets the rows' tokens in
+        lockstep, the step callback every draft step, and the statistics the drafted and
+        accepted tokens of every row and round."""
+        return generate_speculative(self, input_ids, max_new_tokens, attention_mask=attention_mask,
+                                    sampling=sampling, diffusion=diffusion, options=options, **kwargs)
 
     @torch.no_grad()
-    def generate_mock_ar(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
-                         eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
-                         top_k: int | None = None, top_p: float | None = None,
-                         generator: torch.Generator | None = None, streamer=None, use_cache: bool = True,
-                         return_dict_in_generate: bool = False, stats: GenerationStats | None = None):
+    def generate_mock_ar(self, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
+                         attention_mask: torch.Tensor | None = None, sampling: SamplingParams | None = None,
+                         options: GenerateOptions | None = None, **kwargs):
         """One token at a time through the denoiser, with no time conditioning: its input is the
         last committed token, its context the state just before that token, and its head's output
-        there predicts the next token (so the context cache stays one token behind)."""
-        rows, stats, start = self._begin(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                                         streamer, stats)
+        there predicts the next token (so the context cache stays one token behind). Settings as
+        for `generate_mask_diffusion`, less the diffusion ones."""
+        sampling, _, options = split_settings("generate_mock_ar", kwargs, sampling, None, options,
+                                              takes=("sampling", "options"))
+        refuse_step_callback(options, "generate_mock_ar")
+        rows, run = self._begin(input_ids, attention_mask, max_new_tokens, sampling, options)
 
         def next_logits(rows):
-            context, _ = self._context_for(rows, rows.seq.shape[1] - 1, use_cache, stats)
-            stats.denoiser_forwards += 1
+            context, _ = self._context_for(rows, rows.seq.shape[1] - 1, options.use_cache, run.stats)
+            run.stats.denoiser_forwards += 1
             return self.denoise_block(rows.seq[:, -1:], None, context)[:, -1]
 
-        return self._decode(input_ids, rows, next_logits, max_new_tokens, temperature, top_k, top_p, generator,
-                            eos_token_id, streamer, stats, start, return_dict_in_generate)
+        return self._decode(input_ids, rows, next_logits, max_new_tokens, run)
 
     @torch.no_grad()
-    def generate_ar(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
-                    eos_token_id: int | None = None, attention_mask: torch.Tensor | None = None,
-                    top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                    streamer=None, use_cache: bool = True, return_dict_in_generate: bool = False,
-                    stats: GenerationStats | None = None):
-        """Plain AR decoding with the context tower and `context_lm_head` alone."""
-        rows, stats, start = self._begin(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                                         streamer, stats)
+    def generate_ar(self, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
+                    attention_mask: torch.Tensor | None = None, sampling: SamplingParams | None = None,
+                    options: GenerateOptions | None = None, **kwargs):
+        """Plain AR decoding with the context tower and `context_lm_head` alone. Settings as for
+        `generate_mask_diffusion`, less the diffusion ones."""
+        sampling, _, options = split_settings("generate_ar", kwargs, sampling, None, options,
+                                              takes=("sampling", "options"))
+        refuse_step_callback(options, "generate_ar")
+        rows, run = self._begin(input_ids, attention_mask, max_new_tokens, sampling, options)
 
         def next_logits(rows):
-            _, h = self._context_for(rows, rows.seq.shape[1], use_cache, stats)
+            _, h = self._context_for(rows, rows.seq.shape[1], options.use_cache, run.stats)
             return self.context_lm_head(h[:, -1]).float()
 
-        return self._decode(input_ids, rows, next_logits, max_new_tokens, temperature, top_k, top_p, generator,
-                            eos_token_id, streamer, stats, start, return_dict_in_generate)
+        return self._decode(input_ids, rows, next_logits, max_new_tokens, run)
 
     def generate(self, input_ids: torch.Tensor | None = None, generation_config=None, streamer=None,
                  mode: str | None = None, **kwargs):
         """The transformers entry point (`model.generate`, `pipeline("text-generation")`).
 
-        `generation_config` (default: `self.generation_config`) updated by `kwargs` gives
-        max_new_tokens (or max_length), do_sample with temperature / top_k / top_p (unset: no
-        filter), eos_token_id, pad_token_id, use_cache and return_dict_in_generate. `mode`, else
-        `generation_config.mode`, else "ar", picks "diffusion" (`generate_mask_diffusion`),
-        "speculative" (`generate_speculative`), "mock-ar" or "ar". The diffusion settings
-        (block_size, steps_per_block, confidence_threshold, mask_token_id, and draft_steps for
-        speculative) may also be set on the generation config; other
-        keyword arguments of the chosen function (attention_mask, generator, step_callback) pass
-        through. Settings this model cannot honour (beams, penalties, ...) are errors.
+        `generation_config` (default: `self.generation_config`) updated by `kwargs` gives the
+        settings (see `generation_settings`); `mode`, else `generation_config.mode`, else "ar",
+        picks a mode of `MODES`. Other keyword arguments (attention_mask, generator, step_callback,
+        any field of the settings objects) pass through. Settings this model cannot honour (beams,
+        penalties, ...) are errors.
         """
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         extra = config.update(**kwargs)
-        mode = (mode or getattr(config, "mode", None) or "ar").replace("_", "-")
-        if mode not in GENERATION_MODES:
-            raise ValueError(f"mode must be one of {GENERATION_MODES}, got {mode!r}")
-        unsupported = sorted(k for k, neutral in UNSUPPORTED_SETTINGS.items()
-                             if getattr(config, k, None) not in (None, neutral))
-        if unsupported:
-            raise ValueError(f"generate() does not support {unsupported}")
+        chosen = get_mode(mode or getattr(config, "mode", None) or "ar")
         if input_ids is None:
             raise ValueError("generate() needs input_ids (a prompt of at least one token)")
-        eos = config.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            if len(eos) > 1:
-                raise ValueError(f"generate() takes one eos_token_id, got {list(eos)}")
-            eos = eos[0] if eos else None
-        max_new_tokens = config.max_new_tokens
-        if max_new_tokens is None:
-            max_new_tokens = (config.max_length or 20) - input_ids.shape[1]
-        sampling = dict(temperature=1.0 if config.temperature is None else config.temperature, top_k=config.top_k,
-                        top_p=config.top_p) if config.do_sample else {}
-        common = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, streamer=streamer,
-                      use_cache=config.use_cache is not False,
-                      return_dict_in_generate=bool(config.return_dict_in_generate), **sampling, **extra)
-        if mode == "diffusion":
-            for name in DIFFUSION_SETTINGS:
-                common.setdefault(name, getattr(config, name, None))
-            out = self.generate_mask_diffusion(input_ids, **common)
-        elif mode == "speculative":
-            for name in ("block_size", "confidence_threshold", "mask_token_id"):
-                common.setdefault(name, getattr(config, name, None))
-            common.setdefault("draft_steps", getattr(config, "draft_steps", None) or 1)
-            out = self.generate_speculative(input_ids, **common)
-        elif mode == "mock-ar":
-            out = self.generate_mock_ar(input_ids, **common)
-        else:
-            out = self.generate_ar(input_ids, **common)
-        pad = config.pad_token_id
+        max_new_tokens, settings = generation_settings(config, self.config, input_ids.shape[1])
+        out = run_mode(self, chosen.name, input_ids, max_new_tokens, streamer=streamer, **{**settings, **extra})
+        eos, pad = settings.get("eos_token_id"), config.pad_token_id
         if pad is None or eos is None or pad == (self.config.pad_token_id or 0):
             return out
         sequences = out.sequences if isinstance(out, GenerateOutput) else out
@@ -392,18 +319,14 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         sequences = torch.cat([sequences[:, :n], until_eos(sequences[:, n:], eos, pad)], dim=1)
         return GenerateOutput(sequences, out.stats) if isinstance(out, GenerateOutput) else sequences
 
-    def _decode(self, input_ids, rows, next_logits, max_new_tokens, temperature, top_k, top_p, generator,
-                eos_token_id, streamer, stats, start, return_dict):
+    def _decode(self, input_ids, rows, next_logits, max_new_tokens, run):
         """The token-by-token modes: `next_logits(rows)` gives logits [b, v] for the rows' sequences."""
-        pad = self.config.pad_token_id or 0
 
         def step(token, rows):
             rows.append(token.cpu())
             return next_logits(rows)
 
-        new = decode_ar(step, rows, next_logits(rows), max_new_tokens, temperature, top_k, top_p, generator,
-                        eos_token_id, pad, streamer, stats, start)
-        return finish_generation(input_ids, new, eos_token_id, pad, stats, start, streamer, return_dict)
+        return finish_generation(input_ids, decode_ar(step, rows, next_logits(rows), max_new_tokens, run), run)
 
 
 @dataclass
@@ -445,3 +368,13 @@ class _Rows:
 # config=TwoTowerConfig.from_pretrained(folder))` give this class. AutoConfig is left alone: it maps
 # the checkpoints' model_type "nemotron_h" to transformers' own NemotronHConfig.
 AutoModelForCausalLM.register(TwoTowerConfig, TwoTowerForCausalLM)
+
+
+register_mode(Mode("ar", TwoTowerForCausalLM.generate_ar, False, "the context tower alone, a plain AR model"))
+register_mode(Mode("mock-ar", TwoTowerForCausalLM.generate_mock_ar, False,
+                   "the denoiser predicts one next token at a time"))
+register_mode(Mode("diffusion", TwoTowerForCausalLM.generate_mask_diffusion, True,
+                   "block-wise mask diffusion: the denoiser fills a block in a few steps"))
+register_mode(Mode("speculative", TwoTowerForCausalLM.generate_speculative, True,
+                   "the denoiser drafts a block, the context tower verifies it: exactly AR's output",
+                   swept="draft_steps"))

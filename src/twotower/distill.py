@@ -1,0 +1,124 @@
+"""Distillation data for the denoiser: prompts continued by the AR tower itself.
+
+Sequence-level knowledge distillation (Kim & Rush 2016) used for parallel decoding, as consistency
+LLMs (Kou et al. 2024, CLLMs) and dParallel (Chen et al. 2025) do: the denoiser is trained on the
+AR tower's own greedy continuations instead of natural text. Its targets are then a deterministic
+function of the context, which is what confident parallel commits need, and agreement with the AR
+tower is what "quality retained" measures.
+
+Each row holds a prompt of exactly `prompt_tokens` tokens and `continuation_tokens` tokens of the
+AR tower's greedy continuation (not stopped at EOS: after one, AR starts a new text, as in the packed
+pre-training data). With `prompt_tokens` a multiple of the block size, the denoiser's blocks start
+where the prompt ends, as they do in generation; the prompt positions are never masked or scored
+(`objectives.prompt_loss_mask`).
+
+Prompts end where a user's would: a few words into a paragraph of the corpus (the rest of the
+prompt is the text before it), or right after a task's `=` (earlier tasks before it).
+
+`make_distillation_shards` writes `train.bin`, `heldout.bin` (rows back to back) and `meta.json`
+(`kind: "distillation"`, `row_tokens`, `prompt_tokens`), so `data.TokenBatches` with
+`seq_len=row_tokens` serves whole rows. Generation is batched, shows a progress bar and resumes:
+rows are appended to a partial file as batches finish, and a rerun continues after the last whole
+batch (the prompts are a pure function of the seed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import read_documents, token_dtype
+from .tasks import make_tasks, task_text
+
+DISTILLATION = "distillation"
+
+
+def distillation_prompts(corpus, tokenizer, n: int, prompt_tokens: int, task_fraction: float = 0.25,
+                         seed: int = 0) -> list[list[int]]:
+    """`n` prompts of exactly `prompt_tokens` token ids: a fraction `task_fraction` from the task
+    generator's training split, the rest from paragraphs of the text files of `corpus`."""
+    rng = random.Random(seed)
+    n_tasks = round(n * task_fraction)
+    prompts = []
+    if n_tasks:
+        tasks = make_tasks(n_tasks + 8, seed, "train")
+        for i in range(n_tasks):  # a task's prompt after 2 to 8 earlier tasks, as in the training text
+            before = "\n\n".join(task_text(t) for t in tasks[i + 1:i + 1 + rng.randint(2, 8)])
+            ids = _last_tokens(tokenizer, before + "\n\n" + tasks[i].prompt, prompt_tokens)
+            if ids is not None:
+                prompts.append(ids)
+    paragraphs = [p for doc in read_documents(corpus) for p in doc.split("\n\n") if len(p.split()) >= 8]
+    if not paragraphs:
+        raise ValueError(f"no paragraphs of 8 words or more in {corpus}")
+    while len(prompts) < n:  # a paragraph's first 4 to 14 words after the paragraph before it
+        i = rng.randrange(1, len(paragraphs)) if len(paragraphs) > 1 else 0
+        words = paragraphs[i].split()
+        opening = " ".join(words[:rng.randint(4, min(14, len(words) - 2))])
+        ids = _last_tokens(tokenizer, paragraphs[i - 1] + "\n\n" + opening if i else opening, prompt_tokens)
+        if ids is not None:
+            prompts.append(ids)
+    rng.shuffle(prompts)
+    return prompts
+
+
+def _last_tokens(tokenizer, text: str, count: int) -> list[int] | None:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return ids[-count:] if len(ids) >= count else None
+
+
+@torch.no_grad()
+def make_distillation_shards(model, prompts: list[list[int]], out_dir: str | Path, continuation_tokens: int,
+                             batch_size: int = 64, heldout_fraction: float = 0.02, seed: int = 0) -> dict:
+    """Continue every prompt greedily with the AR tower of `model` and write the rows as shards
+    (see the module docstring). Resumes from `out_dir`.partial; returns the metadata."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ValueError(f"{out_dir} already exists; remove it or choose another folder")
+    lengths = {len(p) for p in prompts}
+    if len(lengths) != 1:
+        raise ValueError(f"prompts must all have the same length, got lengths {sorted(lengths)}")
+    prompt_tokens = lengths.pop()
+    row_tokens = prompt_tokens + continuation_tokens
+    dtype = token_dtype(model.config.vocab_size)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    rows_file = partial / "rows.bin"
+    row_bytes = row_tokens * dtype.itemsize
+    done = (rows_file.stat().st_size // row_bytes) if rows_file.exists() else 0
+    done -= done % batch_size  # whole batches only: a batch's rows are written together
+    with open(rows_file, "r+b" if rows_file.exists() else "wb") as fh:
+        fh.truncate(done * row_bytes)
+        fh.seek(done * row_bytes)
+        starts = range(done, len(prompts), batch_size)
+        for start in tqdm(starts, desc="distillation rows", unit=" batches", initial=0, total=len(starts)):
+            ids = torch.tensor(prompts[start:start + batch_size])
+            rows = model.generate_ar(ids, max_new_tokens=continuation_tokens)
+            fh.write(rows.numpy().astype(dtype).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+    rows = np.fromfile(rows_file, dtype=dtype).reshape(-1, row_tokens)
+    heldout = np.random.default_rng(seed).random(len(rows)) < heldout_fraction
+    rows[~heldout].tofile(partial / "train.bin")
+    rows[heldout].tofile(partial / "heldout.bin")
+    meta = {"kind": DISTILLATION, "dtype": dtype.name, "vocab_size": model.config.vocab_size,
+            "row_tokens": row_tokens, "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
+            "train_rows": int((~heldout).sum()), "heldout_rows": int(heldout.sum()),
+            "train_tokens": int((~heldout).sum()) * row_tokens, "heldout_tokens": int(heldout.sum()) * row_tokens,
+            "decoding": "greedy", "seed": seed}
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    rows_file.unlink()
+    os.rename(partial, out_dir)
+    return meta
+
+
+def read_meta(data: str | Path) -> dict:
+    """The meta.json of a shard folder ({} if it has none)."""
+    path = Path(data) / "meta.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+

@@ -16,6 +16,7 @@ from conftest import randomize, tiny_config
 from test_two_tower import build
 from twotower import NemotronHForCausalLM, load_default
 from twotower.evaluate import left_pad
+from twotower.generation import GenerationStats, RowStreamer, StopGeneration, through_eos
 from twotower.params import SamplingParams
 from twotower.sampler import token_probs
 from twotower.ssd import ssd_sequential, ssd_state_after
@@ -206,3 +207,59 @@ def test_sampled_continuations_are_distributed_as_ar(sampling, draft_steps):
     assert 0 < stats.accepted_tokens < stats.drafted_tokens  # accepted some, rejected some
     other = replace(sampling, temperature=sampling.temperature * 1.5)
     assert chi_square_p_value(samples, ar_distribution(model, prompt, n, other)) < 1e-6
+
+
+# ---------------------------------------------------------------- statistics, streaming, callbacks
+
+def test_statistics_callback_and_lockstep_streaming():
+    """Counts against hooks and the step callback; a RowStreamer gets each row's own tokens through
+    its EOS although rows of a round commit different numbers; the call can end early."""
+    model = small_vocab_model(seed=1)
+    ids, mask = ragged_prompts(4)
+    free = model.generate_ar(ids, attention_mask=mask, max_new_tokens=18)[:, ids.shape[1]:]
+    eos = int(free[2, 6])
+    steps, calls = [], {"denoiser": 0}
+    hook = model.denoiser_tower.embeddings.register_forward_hook(
+        lambda *a: calls.__setitem__("denoiser", calls["denoiser"] + 1))
+    got = [[] for _ in range(4)]
+    streamer = RowStreamer(4, lambda row, tokens: got[row].extend(tokens), lambda row: False, eos)
+    try:
+        out = model.generate_speculative(ids, attention_mask=mask, max_new_tokens=18, block_size=5, draft_steps=2,
+                                         eos_token_id=eos, streamer=streamer, step_callback=steps.append,
+                                         return_dict_in_generate=True)
+    finally:
+        hook.remove()
+    stats, new = out.stats, out.sequences[:, ids.shape[1]:].tolist()
+    assert stats.denoiser_forwards == calls["denoiser"] == len(steps) > 0
+    assert all(0 <= s.step < 2 and s.tokens.shape == s.committed.shape for s in steps)
+    for row in range(4):
+        assert through_eos(got[row], eos)[0] == through_eos(new[row], eos)[0]
+        r = stats.speculation[row]
+        assert 0 <= r.accepted <= r.drafted <= 4 * r.rounds  # at most block_size - 1 drafts a round
+    assert stats.rounds == sum(r.rounds for r in stats.speculation) > 0
+    assert stats.tokens_per_round == pytest.approx((stats.accepted_tokens + stats.rounds) / stats.rounds)
+    assert stats.generated_tokens == sum(len(through_eos(row, eos)[0]) for row in new)
+
+    taken = []  # a streamer that wants 3 tokens ends the call; the counts so far remain
+    partial = GenerationStats()
+    with pytest.raises(StopGeneration):
+        model.generate_speculative(ids[:1], max_new_tokens=18, block_size=5, stats=partial, streamer=RowStreamer(
+            1, lambda row, tokens: taken.extend(tokens), lambda row: len(taken) >= 3, None))
+    assert 3 <= len(taken) < 18 and taken == model.generate_ar(ids[:1], max_new_tokens=18)[0, 7:7 + len(taken)].tolist()
+    assert 0 < partial.rounds and partial.context_forwards > 0
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(draft_steps=0), "draft_steps"),
+    (dict(block_size=0), "block_size"),
+    (dict(confidence_threshold=1.5), "confidence_threshold"),
+    (dict(mask_token_id=500), "outside the vocabulary"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_arguments_are_clear_errors(bad, match):
+    model = small_vocab_model()
+    kw = {"max_new_tokens": 4, **bad}
+    with pytest.raises(ValueError, match=match):
+        model.generate_speculative(torch.tensor([[5, 6]]), **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        model.generate_speculative(torch.tensor([[5, 6]]), drafts=2)

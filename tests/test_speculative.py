@@ -17,6 +17,7 @@ from test_two_tower import build
 from twotower import NemotronHForCausalLM, load_default
 from twotower.evaluate import left_pad
 from twotower.generation import GenerationStats, RowStreamer, StopGeneration, through_eos
+from twotower.modes import get_mode, run_mode
 from twotower.params import SamplingParams
 from twotower.sampler import token_probs
 from twotower.ssd import ssd_sequential, ssd_state_after
@@ -263,3 +264,13 @@ def test_bad_arguments_are_clear_errors(bad, match):
         model.generate_speculative(torch.tensor([[5, 6]]), **kw)
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         model.generate_speculative(torch.tensor([[5, 6]]), drafts=2)
+
+
+def test_model_generate_and_run_mode_select_speculative():
+    model = small_vocab_model()
+    ids, mask = ragged_prompts(2)
+    ar = model.generate(ids, attention_mask=mask, max_new_tokens=10)
+    assert model.generate(ids, attention_mask=mask, max_new_tokens=10, mode="speculative", block_size=4,
+                          draft_steps=2).tolist() == ar.tolist()
+    assert run_mode(model, "speculative", ids, 10, attention_mask=mask, block_size=6, eos_token_id=2).tolist() == ar.tolist()
+    assert get_mode("speculative").uses_diffusion and get_mode("speculative").swept == "draft_steps"

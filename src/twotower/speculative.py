@@ -53,6 +53,8 @@ from .sampler import DenoiseStep, block_time, commit_most_confident, sample_next
 
 @dataclass
 class Draft:
+    """A drafted block and what the acceptance rule needs of it."""
+
     tokens: torch.Tensor  # [b, L] the pending token, then the drafts
     steps: torch.Tensor  # [b, L] the draft step that committed each position (-1: the pending token)
     probs: torch.Tensor | None  # [b, L, v] each position's draft distribution (sampling only)
@@ -115,7 +117,7 @@ def sampled_accept(draft: Draft, ar_logits: torch.Tensor, sampling: SamplingPara
     p_draft = p[:, :-1].gather(-1, drafts)[..., 0]
     q_draft = draft.probs[:, 1:].gather(-1, drafts)[..., 0]
     steps = draft.steps[:, 1:]
-    in_order = steps == steps.cummax(-1).values if length > 1 else steps.bool()
+    in_order = steps == steps.cummax(-1).values  # no position before it committed at a later step
     u = torch.rand(p_draft.shape, generator=sampling.generator, device=p.device)
     accepted = (in_order & (u * q_draft < p_draft)).long().cumprod(-1).sum(-1)
     rows = torch.arange(b, device=p.device)

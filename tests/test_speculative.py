@@ -111,8 +111,7 @@ def ragged_prompts(seed, lengths=(3, 7, 1, 5), vocab_size=12):
 
 
 @pytest.mark.parametrize("pattern", ["M*EM-E*M", "*E", "M-"])
-@pytest.mark.parametrize("block_size", [1, 2, 5, 8])
-@pytest.mark.parametrize("draft_steps", [1, 2, 3])
+@pytest.mark.parametrize("block_size,draft_steps", [(1, 1), (2, 3), (5, 2), (8, 1), (8, 3)])
 def test_greedy_equals_ar_token_for_token(pattern, block_size, draft_steps):
     model = small_vocab_model(pattern)
     ids, mask = ragged_prompts(block_size)

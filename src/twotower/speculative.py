@@ -141,11 +141,13 @@ class LockstepStream:
         self.view = torch.arange(out.shape[0])
         self.sent = 0
 
-    def flush(self, counts: torch.Tensor, ended: torch.Tensor) -> None:
-        """counts [b]: tokens each row has in `out`; ended [b]: rows that hold their EOS."""
+    def flush(self, counts: torch.Tensor, ended: torch.Tensor, last: bool = False) -> None:
+        """counts [b]: tokens each row has in `out`; ended [b]: rows that hold their EOS. `last`:
+        the call ends (at max_time: rows with fewer tokens get padding, as in the result)."""
         if self.run.options.streamer is None or len(self.view) == 0:
             return
-        upto = int(torch.where(ended[self.view], self.out.shape[1], counts[self.view]).min())
+        ready = torch.where(ended[self.view], self.out.shape[1], counts[self.view])
+        upto = int(counts[self.view].max()) if last else int(ready.min())
         if upto <= self.sent:
             return
         eos = self.run.options.eos_token_id
@@ -185,6 +187,7 @@ class Committed:
         return ~self.ended[rows] & (self.counts[rows] < self.max_new_tokens)
 
     def result(self) -> torch.Tensor:
+        self.stream.flush(self.counts, self.ended, last=True)
         return self.out[:, :int(self.counts.max())]
 
 

@@ -74,7 +74,7 @@ def test_float64_router_matches_float32_router_closely_but_is_used():
     with torch.no_grad():
         a = model(ids)
         for layer in model.backbone.layers:
-            if layer.kind == "E":
+            if layer.kind == "moe":
                 layer.mixer.gate.dtype = torch.float64
         b = model(ids)
     assert (a - b).abs().max() <= 1e-4
@@ -222,7 +222,7 @@ def test_chunked_scan_equals_sequential_recurrence(length, chunk, with_state):
     y3, s3 = explicit_recurrence(x, dt, A, B, C, init)
     assert (y1 - y3).abs().max() <= 1e-4 and (s1 - s3).abs().max() <= 1e-4
     assert (y2 - y3).abs().max() <= 1e-4 and (s2 - s3).abs().max() <= 1e-4
-    y4, s4 = ssd_chunked(x, dt, A, B, C, chunk, init if with_state else None, final_state=False)
+    y4, s4 = ssd_chunked(x, dt, A, B, C, chunk, init if with_state else None, states=None)
     assert s4 is None and (y4 - y3).abs().max() <= 1e-4  # outputs alone (the denoiser's use)
 
 

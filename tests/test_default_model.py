@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import twotower
 from conftest import story_text
+from twotower.cli import main
 from twotower.default import DEFAULT_MODEL_DIR
 from twotower.hub import kept_dtype
 
@@ -68,14 +69,14 @@ def test_show_steps_draws_the_block_being_denoised():
     assert steps and "_" in steps[0]  # masked positions are visible at the first step
 
 
-def test_the_unmasking_flag_picks_the_rule():
+def test_the_unmasking_flag_picks_the_rule(capsys):
     """Threshold 0 commits the whole block in one step; --unmasking fixed spreads it over the steps."""
-    common = [sys.executable, "-m", "twotower.cli", "generate", PROMPT, "--max-new-tokens", "8", "--block-size", "8",
-              "--steps-per-block", "4", "--threshold", "0", "--show-steps"]
+    common = ["generate", PROMPT, "--max-new-tokens", "8", "--block-size", "8", "--steps-per-block", "4",
+              "--threshold", "0", "--show-steps"]
     for extra, steps in (([], 1), (["--unmasking", "fixed"], 4)):
-        out = subprocess.run(common + extra, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        assert sum(line.startswith("block 0 step") for line in out.stdout.splitlines()) == steps, extra
+        assert main(common + extra) == 0
+        out = capsys.readouterr().out
+        assert sum(line.startswith("block 0 step") for line in out.splitlines()) == steps, extra
 
 
 def test_heldout_prompts_ship_with_the_model():

@@ -134,6 +134,12 @@ def test_every_generation_setting_not_honoured_is_refused(model, field):
         model.generate(IDS, generation_config=config)
 
 
+def test_generate_arguments_it_cannot_use_are_refused(model):
+    processors = transformers.LogitsProcessorList([transformers.TemperatureLogitsWarper(0.5)])
+    with pytest.raises(TypeError, match="generate.. got an unexpected keyword argument 'logits_processor'"):
+        model.generate(IDS, max_new_tokens=3, logits_processor=processors)
+
+
 def test_off_values_of_refused_settings_are_accepted(model):
     off = dict(num_beams=1, repetition_penalty=1.0, typical_p=1.0, no_repeat_ngram_size=0, output_scores=False)
     assert torch.equal(model.generate(IDS, max_new_tokens=3, **off), model.generate_ar(IDS, 3))

@@ -37,7 +37,7 @@ def test_context_block_states_equal_the_cache_at_each_boundary(model):
     for blk, start in enumerate(range(0, 13, 4)):
         cache = model.encode_context(ids[:, :start]) if start else None
         for i, layer in enumerate(model.context_tower.layers):
-            if layer.kind != "M":
+            if layer.kind != "mamba":
                 continue
             conv, ssm = states[i][0][:, blk], states[i][1][:, blk]
             if cache is None:

@@ -133,6 +133,17 @@ def test_the_unmasking_rule_is_a_request_field(client):
     assert per_forward == {"confidence": 8.0, "fixed": 2.0}
 
 
+def test_a_mode_registered_later_is_served(client):
+    """The server reads the mode table per request: a mode added after it started is served."""
+    from twotower.modes import MODES, Mode, get_mode, register_mode
+
+    register_mode(Mode("ar-again", get_mode("ar").generate, False, "the AR mode under another name"))
+    try:
+        assert ask(client, PROMPTS[0], mode="ar-again")[0] == ask(client, PROMPTS[0], mode="ar")[0]
+    finally:
+        del MODES["ar-again"]
+
+
 def test_incremental_text_adds_up_decodes_windows_and_stops(embedded):
     """IncrementalText (the server's streams) with the real tokenizer, token by token: the pieces add up to the whole decode
     (characters split across byte-level tokens included), no call decodes more than a few tokens

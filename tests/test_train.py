@@ -89,11 +89,16 @@ def test_train_command_both_objectives(shards, tmp_path):
     assert records and all(r["loss"] > 0 for r in records)
 
 
-def test_train_command_under_torchrun_matches_one_process(shards, tmp_path):
-    """`twotower train` on 2 processes (DDP over gloo) ends cleanly and trains the same weights as
-    one process on the same global batches."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_train_command_under_torchrun_matches_one_process(shards, tmp_path, parallel):
+    """`twotower train` on 2 processes (DDP or FSDP2 over gloo) ends cleanly and trains the same
+    weights as one process on the same global batches; FSDP's sharded run still yields a model
+    folder, and every checkpoint is one (`from_pretrained` loads it)."""
+    settings = tmp_path / "train.yaml"
+    settings.write_text(f"parallel: {parallel}\n")
     args = ["train", "--objective", "ar", "--model-config", str(shards / "backbone.json"), "--data",
-            str(shards / "shards"), "--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3"]
+            str(shards / "shards"), "--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3",
+            "--config", str(settings)]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "twotower.cli",
            *args, "--out", str(tmp_path / "two")]
@@ -102,7 +107,9 @@ def test_train_command_under_torchrun_matches_one_process(shards, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     one = NemotronHForCausalLM.from_pretrained(tmp_path / "one" / "model").state_dict()
     two = NemotronHForCausalLM.from_pretrained(tmp_path / "two" / "model").state_dict()
+    checkpoint = NemotronHForCausalLM.from_pretrained(tmp_path / "two" / "checkpoint").state_dict()
     assert one.keys() == two.keys()
+    assert all(torch.equal(two[name], checkpoint[name]) for name in two)
     for name in one:
         assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-5), name
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

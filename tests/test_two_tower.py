@@ -12,10 +12,10 @@ from transformers.generation.streamers import BaseStreamer
 
 from conftest import randomize, tiny_config
 from twotower import NemotronHForCausalLM, TwoTowerConfig, TwoTowerForCausalLM, nemotron_3_nano_30b_config
-from twotower.modes import MODES as MODE_TABLE
-from twotower.modes import run_mode
 from twotower.generation import GenerationStats, RowStreamer, StopGeneration
 from twotower.modeling import causal_mask
+from twotower.modes import MODES as MODE_TABLE
+from twotower.modes import run_mode
 from twotower.norm import gated_group_rms_norm
 from twotower.ssd import ssd_sequential
 from twotower.time_conditioning import modulate
@@ -67,12 +67,12 @@ def direct_denoiser_logits(model, prefix, x, t):
     ctx_inputs = []
     for layer in ctx.layers:
         ctx_inputs.append(layer.norm(h))
-        h, _ = layer(h, None, causal_mask(None, 0, n, "cpu"), None)
+        h, _ = layer(h, mask=causal_mask(None, 0, n, "cpu"))
     temb = model.t_block(model.t_embedder(t)).view(1, 3, -1)
     g = den.embeddings(x)
     for i, layer in enumerate(den.layers):
         shift, scale, gate = (model.scale_shift_tables[i][None] + temb).unbind(1)
-        if layer.kind == "M":
+        if layer.kind == "mamba":
             c_mix, d_mix = ctx.layers[i].mixer, layer.mixer
             u = layer.norm(modulate(g, shift, scale))
             sizes = [d_mix.intermediate_size, d_mix.conv_dim, d_mix.num_heads]
@@ -99,7 +99,7 @@ def direct_denoiser_logits(model, prefix, x, t):
             y, _ = ssd_sequential(xs, dt, A, B, C, state)
             y = (y + d_mix.D[:, None] * xs).reshape(1, x.shape[1], -1)
             out = d_mix.out_proj(gated_group_rms_norm(y, z, d_mix.norm.weight, d_mix.norm.group_size, d_mix.norm.eps))
-        elif layer.kind == "*":
+        elif layer.kind == "attention":
             c_att, d_att = ctx.layers[i].mixer, layer.mixer
             u = layer.norm(modulate(g, shift, scale))
             heads, kv_heads, hd = d_att.num_heads, d_att.num_kv_heads, d_att.head_dim

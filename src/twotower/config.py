@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import torch
 import transformers
 
 LAYER_KINDS = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
-ROUTER_DTYPES = ("float32", "float64")
+# each pattern letter's block type as the release's configuration_nemotron_h.py names it
+BLOCK_TYPES = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
+ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # router_dtype -> the router's dtype
 
 
 class NemotronHConfig(transformers.NemotronHConfig):
@@ -86,7 +89,7 @@ class NemotronHConfig(transformers.NemotronHConfig):
         if self.mlp_hidden_act != "relu2":
             raise ValueError(f"mlp_hidden_act must be 'relu2', got {self.mlp_hidden_act!r}")
         if self.router_dtype not in ROUTER_DTYPES:
-            raise ValueError(f"router_dtype must be one of {ROUTER_DTYPES}, got {self.router_dtype!r}")
+            raise ValueError(f"router_dtype must be one of {tuple(ROUTER_DTYPES)}, got {self.router_dtype!r}")
         if self.prefill_chunk_size < 1:
             raise ValueError("prefill_chunk_size must be >= 1")
 
@@ -95,7 +98,7 @@ NANO_30B_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
 
 
 def nemotron_3_nano_30b_config(**overrides) -> NemotronHConfig:
-    """The NVIDIA-Nemotron-3-Nano-30B-A3B backbone (reference-spec section 2.1)."""
+    """The NVIDIA-Nemotron-3-Nano-30B-A3B backbone (the fields of its released `config.json`)."""
     values = dict(
         vocab_size=131072,
         hidden_size=2688,
@@ -159,5 +162,6 @@ __all__ = [
     "kv_cache_bytes_per_token",
     "mamba_state_bytes",
     "LAYER_KINDS",
+    "BLOCK_TYPES",
     "NANO_30B_PATTERN",
 ]

@@ -3,9 +3,8 @@
 A forward allocates and frees the same few-megabyte temporaries in every layer (the scan's
 chunk matrices, activations). By default glibc gives such freed blocks back to the kernel (it trims
 the top of the heap, and maps blocks above its threshold separately), so the next layer's
-temporaries are faulted in again page by page. On the 2-core development machine that was about
-9,000 page faults and a quarter of the time of a 512-token bfloat16 prefill (see the README's
-Performance section). PyTorch's CPU tuning guide answers the same problem with a caching allocator
+temporaries are faulted in again page by page (the README's Performance section gives what that
+cost on the development machine). PyTorch's CPU tuning guide answers the same problem with a caching allocator
 (jemalloc, tcmalloc) loaded at start-up; this does the equivalent with the allocator already there.
 
 `twotower`'s commands call `keep_freed_memory()` when they start; a program that imports the

@@ -188,7 +188,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | Path,
     meta = {"format": "pt", **(metadata or {})}
     for name, shard in zip(names, shards):
         tmp = folder / (name + ".tmp")
-        save_file(_unshare(shard), str(tmp), metadata=meta)
+        save_file(unshare(shard), str(tmp), metadata=meta)
         os.replace(tmp, folder / name)
     if len(shards) > 1:
         index = {
@@ -201,11 +201,12 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | Path,
     return names
 
 
-def _unshare(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage; give each its own."""
+def unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings) or are not contiguous: give
+    repeats their own copy, and every tensor a contiguous layout."""
     seen, out = set(), {}
-    for k, t in shard.items():
-        ptr = t.untyped_storage().data_ptr()
-        out[k] = t.clone() if ptr in seen else t
-        seen.add(ptr)
+    for name, t in tensors.items():
+        storage = t.untyped_storage().data_ptr()
+        out[name] = t.clone(memory_format=torch.contiguous_format) if storage in seen else t.contiguous()
+        seen.add(storage)
     return out

@@ -24,9 +24,9 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and names). On CPU in float32, a product of at most 16 rows (a
     decoding step, a 16-token block, the few tokens routed to one expert) runs on one thread in
     the BLAS library, leaving the other cores idle; for weights of 2^17 entries or more such
-    products go through `split_linear` instead (1.2-1.9x faster on 2 threads on the development
-    machine, the most for 1-4 rows). There, at these sizes, the results were bitwise F.linear's;
-    in general they agree to float rounding."""
+    products go through `split_linear` instead (the README's Performance section gives the
+    measured gain). There, at these sizes, the results were bitwise F.linear's; in general they
+    agree to float rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= SPLIT_MAX_ROWS * self.in_features

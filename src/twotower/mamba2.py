@@ -1,4 +1,6 @@
-"""The Mamba-2 mixer of NemotronH (reference-spec section 2.4)."""
+"""The Mamba-2 mixer of NemotronH (Dao and Gu 2024, "Transformers are SSMs", arXiv:2405.21060;
+mamba's `mamba_ssm/modules/mamba2.py` and transformers' `modeling_nemotron_h.py` hold the same
+computation)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,8 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tens
     for a fresh sequence). Returns (out [b, l, c] float32, new history [b, c, K-1] in x's dtype).
 
     K multiply-adds over time-major slices in float32, like the kernels' accumulator. The output
-    stays float32 for the scan, which works in float32: no rounding to x's dtype and back. For
-    768 channels this is 1.7x (float32) to 2x (bfloat16) faster than the conv kernel at 512
-    steps, and ~3x on 16-position blocks.
+    stays float32 for the scan, which works in float32: no rounding to x's dtype and back; faster
+    than the conv kernel on CPUs (measured in the README's Performance section).
     """
     l, k = x.shape[1], weight.shape[-1]
     history = x.new_zeros(x.shape[0], x.shape[2], k - 1) if history is None else history.to(x.dtype)
@@ -118,18 +119,18 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_min, self.dt_max)
         return dt if pad_mask is None else dt * pad_mask[..., None]
 
-    def forward(self, u: torch.Tensor, state: MambaState | None = None, pad_mask: torch.Tensor | None = None,
-                block_states: int | None = None, return_state: bool = True, tentative: bool = False):
-        """With `block_states` = L, the returned state is the one entering every block of L
-        positions instead of the final one: (conv [b, blocks, conv_dim, K-1], ssm [b, blocks, h, p, n]).
-        Training uses it to seed the denoiser's blocks from one context pass. With
-        `return_state=False` no state is computed (None): the denoiser discards it. With
-        `tentative=True` the state is a `MambaChunk`, from which the state after any prefix of
-        the input follows (`HybridCache.keep_prefixes`)."""
+    def forward(self, u: torch.Tensor, state: MambaState | None = None, *, pad_mask: torch.Tensor | None = None,
+                block_states: int | None = None, keep_state: bool = True, tentative: bool = False):
+        """-> (out [b, l, hidden], state). The state is the final (conv, ssm); with `block_states`
+        = L, the one entering every block of L positions: (conv [b, blocks, conv_dim, K-1], ssm
+        [b, blocks, h, p, n]), which training uses to seed the denoiser's blocks from one context
+        pass; with `keep_state=False`, None and not computed (the denoiser discards it); with
+        `tentative=True`, a `MambaChunk`, from which the state after any prefix of the input
+        follows (`HybridCache.keep_prefixes`)."""
         b, l, _ = u.shape
         if l == 1 and state is not None and not block_states and not tentative:
             out, state = self.step(u, state, pad_mask)
-            return out, state if return_state else None
+            return out, state if keep_state else None
         z, xBC, dt = self.in_proj(u).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if pad_mask is not None:
             xBC = xBC * pad_mask[..., None].to(xBC.dtype)
@@ -144,18 +145,19 @@ class Mamba2Mixer(nn.Module):
         B = B.reshape(b, l, self.n_groups, self.state_size)
         C = C.reshape(b, l, self.n_groups, self.state_size)
         if tentative:
-            y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=False)
+            y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state, states=None)
             if history_before is None:
                 history_before = torch.zeros_like(conv_history)
             return self._output(y, x, z, pad_mask, u.dtype), MambaChunk(history_before, raw, x, dt, B, A, ssm_state)
         if block_states:
-            y, _, ssm_state = ssd_chunked(x, dt, A, B, C, block_states, ssm_state, return_chunk_states=True)
+            y, ssm_state = ssd_chunked(x, dt, A, B, C, block_states, ssm_state, states="entering")
             start = state[0] if state is not None and state[0] is not None else raw.new_zeros(
                 b, self.conv_dim, self.conv1d.kernel_size[0] - 1)
             conv_history = block_conv_histories(raw, start, block_states)
         else:
-            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=return_state)
-        return self._output(y, x, z, pad_mask, u.dtype), (conv_history, ssm_state) if return_state else None
+            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state,
+                                       states="final" if keep_state else None)
+        return self._output(y, x, z, pad_mask, u.dtype), (conv_history, ssm_state) if keep_state else None
 
     def step(self, u: torch.Tensor, state: MambaState, pad_mask: torch.Tensor | None = None):
         """forward for one position u [b, 1, d] continuing `state`: the same function as a scan of

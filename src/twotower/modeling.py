@@ -17,7 +17,7 @@ from transformers.utils import GENERATION_CONFIG_NAME
 
 from .attention import CAUSAL, Attention
 from .cache import HybridCache
-from .config import NemotronHConfig
+from .config import BLOCK_TYPES, NemotronHConfig
 from .generation import generate_ar
 from .hub import DEFAULT_SHARD_BYTES, load_into, save_state_dict
 from .linear import Linear
@@ -47,41 +47,47 @@ class Block(nn.Module):
     """h + mixer(norm(h)); with `modulation` (shift, scale, gate) [b, d] each, the denoiser form:
 
     Mamba and attention modulate before the norm, MoE and MLP after it, and the gate scales
-    the mixer output before the residual add (reference-spec section 1.4).
+    the mixer output before the residual add (adaLN-single, PixArt-alpha, arXiv:2310.00426).
+    `kind` is the block type: "mamba", "attention",
+    "moe" or "mlp" (`config.BLOCK_TYPES`).
     """
 
-    def __init__(self, config: NemotronHConfig, kind: str):
+    def __init__(self, config: NemotronHConfig, letter: str):
         super().__init__()
-        self.kind = kind
+        self.kind = BLOCK_TYPES[letter]
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        if kind == "M":
+        if self.kind == "mamba":
             self.mixer = Mamba2Mixer(config)
-        elif kind == "*":
+        elif self.kind == "attention":
             self.mixer = Attention(config)
-        elif kind == "E":
+        elif self.kind == "moe":
             self.mixer = MoE(config)
         else:
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
-    def forward(self, h, state=None, mask=None, pad_mask=None, modulation=None, block_states=None,
-                return_state=True, tentative=False):
-        """-> (h [b, l, d], the mixer's new state; None for MoE/MLP or with `return_state=False`).
-        `tentative`: a Mamba mixer returns a `MambaChunk` (see `NemotronHModel.forward`)."""
+    def forward(self, h, state=None, *, mask=None, pad_mask=None, modulation=None, block_states=None,
+                keep_state=True, tentative=False):
+        """-> (h [b, l, d], the mixer's new state). `state`: the mixer's (attention K/V, Mamba conv
+        and SSM state); `mask`: attention's; `pad_mask` [b, l]: Mamba's (False at padding);
+        `block_states`: Mamba returns the state entering every block of that size; `tentative`:
+        Mamba returns a `MambaChunk` (see `NemotronHModel.forward`). The state is None for MoE/MLP
+        and with `keep_state=False`."""
         if modulation is None:
             u = self.norm(h)
-        elif self.kind in "M*":
+        elif self.kind in ("mamba", "attention"):
             u = self.norm(modulate(h, modulation[0], modulation[1]))
         else:
             u = modulate(self.norm(h), modulation[0], modulation[1])
-        if self.kind == "M":
-            y, state = self.mixer(u, state, pad_mask, block_states, return_state, tentative)
-        elif self.kind == "*":
+        if self.kind == "mamba":
+            y, state = self.mixer(u, state, pad_mask=pad_mask, block_states=block_states, keep_state=keep_state,
+                                  tentative=tentative)
+        elif self.kind == "attention":
             y, state = self.mixer(u, state, mask)
         else:
             y, state = self.mixer(u), None
         if modulation is not None:
             y = y * modulation[2][:, None].to(y.dtype)
-        return h + y, state if return_state else None
+        return h + y, state if keep_state else None
 
 
 class NemotronHModel(nn.Module):
@@ -141,7 +147,8 @@ class NemotronHModel(nn.Module):
         pad_mask = None if key_mask is None else key_mask[:, past:]
         h = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            h, state = layer(h, cache.states[i] if cache is not None else None, mask, pad_mask, tentative=tentative)
+            h, state = layer(h, cache.states[i] if cache is not None else None, mask=mask, pad_mask=pad_mask,
+                             tentative=tentative)
             if cache is not None:
                 cache.states[i] = state
         if cache is not None:

@@ -1,4 +1,5 @@
-"""The NemotronH mixture-of-experts layer (reference-spec section 2.5).
+"""The NemotronH mixture-of-experts layer (transformers' `modeling_nemotron_h.py`; the router is
+DeepSeek-V3's, arXiv:2412.19437).
 
 Sigmoid router; the correction bias only chooses the experts, the unbiased scores weight them;
 top-k weights are normalised and scaled by `routed_scaling_factor`; every token also goes
@@ -10,10 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import ROUTER_DTYPES
 from .mlp import MLP
 from .precision import without_autocast
-
-ROUTER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @without_autocast

@@ -1,5 +1,7 @@
 """Training objectives: next-token cross-entropy for a single-tower backbone, and the two-tower
-masked-diffusion loss (reference-spec section 1.3), vectorised over all blocks of a sequence.
+masked-diffusion loss (absorbing-state masked diffusion, Sahoo et al. 2024, arXiv:2406.07524, in
+the block-wise form of Arriola et al. 2025, "Block Diffusion", arXiv:2503.09573), vectorised over all
+blocks of a sequence.
 
 Both return (sum of per-target losses, number of targets), so gradient accumulation and data
 parallelism can average exactly over targets.
@@ -71,7 +73,7 @@ def context_block_states(model, clean: torch.Tensor, block_size: int):
     h = tower.embeddings(clean)
     states = []
     for layer in tower.layers:
-        h, state = layer(h, None, CAUSAL, None, block_states=block_size)
+        h, state = layer(h, mask=CAUSAL, block_states=block_size)
         states.append(state)
     return states
 
@@ -83,34 +85,6 @@ def block_causal_mask(n: int, block_size: int, device=None) -> torch.Tensor:
     context = block[None, :] < block[:, None]
     own = block[None, :] == block[:, None]
     return torch.cat([context, own], dim=1)[None, None]
-
-
-def denoiser_all_blocks(model, noisy: torch.Tensor, t: torch.Tensor, context_states,
-                        block_size: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Denoiser logits [b, n, vocab] for every block of noisy [b, n] in one pass; with
-    `positions` (bool [b, n]) only at those positions, [count, vocab] (the loss reads the masked
-    ones: the head and the float32 logits cost half as much on average)."""
-    b, n = noisy.shape
-    L = block_size
-    blocks = -(-n // L)
-    pad = blocks * L - n  # a short last block: pad its end (Mamba is causal, attention masks it out)
-    mask = block_causal_mask(n, L, noisy.device)
-    t_emb = model.time_embedding(t)
-    h = model.denoiser_tower.embeddings(noisy)
-    for i, layer in enumerate(model.denoiser_tower.layers):
-        modulation = (model.scale_shift_tables[i][None] + t_emb).unbind(1)
-        if layer.kind == "M":
-            conv, ssm = context_states[i]
-            per_block = F.pad(h, (0, 0, 0, pad)).reshape(b * blocks, L, -1)
-            mod = [m.repeat_interleave(blocks, dim=0) for m in modulation]
-            start = (conv.flatten(0, 1), ssm.flatten(0, 1))
-            out, _ = layer(per_block, start, None, None, mod, return_state=False)
-            h = out.reshape(b, blocks * L, -1)[:, :n]
-        else:
-            h, _ = layer(h, context_states[i], mask, None, modulation)
-    if positions is not None:
-        h = h[positions]
-    return model.lm_head(model.denoiser_tower.norm_f(h)).float()
 
 
 def diffusion_loss(model, ids: torch.Tensor, block_size: int | None = None,
@@ -132,7 +106,8 @@ def masked_diffusion_loss(model, ids: torch.Tensor, block_size: int, generator: 
     noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator,
                                                                loss_mask=loss_mask)
     states = context_block_states(model, ids, L)
-    logits = denoiser_all_blocks(model, noisy, t, states, L, positions=masked)
+    mask = block_causal_mask(ids.shape[1], L, ids.device)
+    logits = model.denoise(noisy, t, states, mask, L, positions=masked)
     targets = ids[masked]
     loss = F.cross_entropy(logits, targets, reduction="sum")
     if certainty_weight:

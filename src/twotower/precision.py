@@ -1,9 +1,9 @@
 """Computations that stay in float32 (or float64) even under autocast.
 
 Autocast runs matrix products in bfloat16 and decides by op, not by purpose. The Mamba scan and
-the MoE router are float32 by design (reference-spec section 4: seeded SSM states reach O(1e3),
-and the router's ranking must not depend on the activation dtype), so they turn autocast off
-for their own products.
+the MoE router are float32 by design (as in the Mamba kernels and transformers' NemotronH: seeded
+SSM states reach O(1e3), and the router's ranking must not depend on the activation dtype), so
+they turn autocast off for their own products.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ class Recipe:
     distill_prompt_tokens: int = 16  # a multiple of the block size: blocks start where the prompt ends
     distill_continuation_tokens: int = 64
     distill_task_fraction: float = 0.25
-    distill_steps: int = 3000
+    distill_steps: int = 1200
     distill_lr: float = 3e-4
     certainty_weight: float = 0.5
     seed: int = 0
@@ -223,7 +223,7 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
             TwoTowerForCausalLM.from_pretrained(teacher),
             distillation_prompts(out / "corpus" / "corpus", tokenizer, r.distill_rows, r.distill_prompt_tokens,
                                  r.distill_task_fraction, r.seed),
-            f / "shards", r.distill_continuation_tokens, seed=r.seed))
+            f / "shards", r.distill_continuation_tokens, batch_size=128, seed=r.seed))
         _stage(out, "distill", lambda f: distill_stage(teacher, out / "distill-data" / "shards", f, r))
         previous = "distill"
     return _stage(out, "export", lambda f: export(out / previous / "model", out, f, r, corpus))
@@ -296,6 +296,12 @@ def model_card(r: Recipe, params: int, corpus: dict, numbers: dict) -> str:
         f"{_fmt(m['tokens_per_denoiser_forward'])} | {m['tokens_per_second']:.1f} |"
         for mode, m in numbers["modes"].items())
     stages = " -> ".join(f"S={b} for {s} steps" for b, s in r.diffusion_stages)
+    distilled = "" if not r.distill_rows else (
+        f"; then distillation from the AR tower: {r.distill_rows} prompts of {r.distill_prompt_tokens} tokens "
+        f"({r.distill_task_fraction:.0%} exact-answer tasks) continued greedily by the AR tower for "
+        f"{r.distill_continuation_tokens} tokens, and {r.distill_steps} steps of masked diffusion on those rows "
+        f"(batch {r.batch_size}, bfloat16 autocast, prompts never masked, certainty forcing at weight "
+        f"{r.certainty_weight:g})")
     return f"""# twotower default model
 
 A small Nemotron-Labs-TwoTower model made by `twotower recipe` on a 2-core CPU, shipped so that
@@ -305,7 +311,7 @@ everything in the package runs out of the box. It is a demonstration model, not 
   `{r.model['hybrid_override_pattern']}`, hidden {r.model['hidden_size']}, {r.model['n_routed_experts']} experts
   top-{r.model['num_experts_per_tok']} plus a shared expert), bfloat16, vocabulary {r.vocab_size} (byte-level BPE).
 * Training: AR pre-training of the backbone for {r.ar_steps} steps of {r.batch_size}x{r.seq_len} tokens,
-  then both towers from it and masked diffusion with the context tower frozen, {stages}.
+  then both towers from it and masked diffusion with the context tower frozen, {stages}{distilled}.
 * Data: {', '.join(corpus['files'])} (see the corpus' SOURCES.md: TinyStories, CDLA-Sharing-1.0, credited
   here; the other texts are in the public domain), the lower-cased TinyStories file re-cased, plus
   {corpus['train_tasks']} generated exact-answer tasks (addition, copy, reverse, count, key-value recall).

@@ -10,11 +10,12 @@ a client that goes away, or whose answer hit a stop string, stops taking part in
 
 Safe defaults: loopback only, an optional API key on every route but /health, limits on body
 size, prompt length and max_tokens, and an OpenAI-style 4xx error body for every bad request.
-Beyond the OpenAI parameters a request may set `mode` (a name of `MODES`: diffusion,
-speculative, mock-ar, ar), `block_size`, `steps_per_block`, `draft_steps`, `confidence_threshold`,
-`unmasking` and `top_k`; `usage.tokens_per_denoiser_forward` reports how many tokens each denoiser
-forward produced for it, and in speculative mode `usage` adds its drafted and accepted tokens and
-the tokens per draft-and-verify round.
+Beyond the OpenAI parameters a request may set `mode` (a name in `modes.MODES`: diffusion,
+speculative, mock-ar, ar), `block_size`, `steps_per_block`, `draft_steps` (speculative),
+`confidence_threshold`, `unmasking` (a rule of `sampler.UNMASKING_RULES`) and `top_k`;
+`usage.tokens_per_denoiser_forward` reports how many tokens each denoiser forward produced for it,
+and in speculative mode `usage` adds its drafted and accepted tokens and the tokens per
+draft-and-verify round.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -113,12 +113,12 @@ class _Request(BaseModel):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     user: str | None = None
-    mode: Literal[tuple(MODES)] | None = None
+    mode: str | None = None  # a name in MODES, checked when the request is read (modes may be registered late)
     block_size: int | None = Field(None, ge=1, le=256)
     steps_per_block: int | None = Field(None, ge=1, le=1024)
     draft_steps: int | None = Field(None, ge=1, le=256)
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
-    unmasking: Literal[tuple(UNMASKING_RULES)] | None = None
+    unmasking: str | None = None  # a name in sampler.UNMASKING_RULES
 
 
 class CompletionRequest(_Request):
@@ -490,8 +490,14 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                            "4 of them", param="stop")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        mode = req.mode or "diffusion"
+        if mode not in MODES:
+            raise APIError(400, f"mode must be one of {list(MODES)}, got {mode!r}", param="mode")
+        if req.unmasking is not None and req.unmasking not in UNMASKING_RULES:
+            raise APIError(400, f"unmasking must be one of {list(UNMASKING_RULES)}, got {req.unmasking!r}",
+                           param="unmasking")
         temperature = req.temperature or 0.0
-        return Sampling(mode=req.mode or "diffusion", max_tokens=max_tokens,
+        return Sampling(mode=mode, max_tokens=max_tokens,
                         temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
                         top_p=req.top_p, top_k=req.top_k, block_size=req.block_size,
                         steps_per_block=req.steps_per_block, confidence_threshold=req.confidence_threshold,

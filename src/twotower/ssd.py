@@ -30,12 +30,11 @@ def _decay_(log_decay: torch.Tensor) -> torch.Tensor:
 
 
 @without_autocast
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chunk_states: bool = False,
-                final_state: bool = True):
-    """Chunked SSD scan. Returns (y [b, l, h, p], final_state [b, h, p, n]), both float32, and with
-    `return_chunk_states` also the state entering every chunk [b, chunks, h, p, n]. With
-    `final_state=False` the final state is None and the last chunk's contribution to it is skipped
-    (the denoiser reads its block's outputs only).
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, states: str | None = "final"):
+    """Chunked SSD scan. Returns (y [b, l, h, p], state), both float32, where `states` picks the
+    state: "final" [b, h, p, n]; "entering", the state entering every chunk [b, chunks, h, p, n]
+    (training seeds each denoiser block from it); None: no state, and the last chunk's
+    contribution to it is skipped (the denoiser reads its block's outputs only).
 
     Heads are laid out as [groups, heads per group] so that B and C, shared by a group's heads,
     are never copied per head, and C.B is computed once per group.
@@ -63,7 +62,9 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
     y = ((C @ B.transpose(-1, -2)).tril_() * decay) @ X  # [b, g, r, c, s, p]
 
     # 2. the state each chunk adds by its end (needed for the next chunk and for the final state)
-    carried = c if final_state else c - 1
+    if states not in ("final", "entering", None):
+        raise ValueError(f"states must be 'final', 'entering' or None, got {states!r}")
+    carried = c if states == "final" else c - 1
     to_end = _decay_(A_cum[..., :carried, -1:] - A_cum[..., :carried, :])[..., None]  # [b, g, r, c', s, 1]
     added = (X[..., :carried, :, :] * to_end).transpose(-1, -2) @ B[..., :carried, :, :]  # [b, g, r, c', p, n]
 
@@ -77,16 +78,17 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, return_chun
         entering.append(state)
         if i < carried:
             state = torch.addcmul(added[:, :, :, i], state, chunk_decay[:, :, :, i])
-    states = torch.stack(entering, dim=3) if c > 1 else entering[0][:, :, :, None]  # [b, g, r, c, p, n]
+    entering_states = torch.stack(entering, dim=3) if c > 1 else entering[0][:, :, :, None]  # [b, g, r, c, p, n]
 
     # 4. what the state entering each chunk contributes to its outputs, added by the product
     decayed_C = (C * from_start[..., None]).view(-1, chunk, n)  # [b g r c, s, n]
-    y = y.view(-1, chunk, p).baddbmm_(decayed_C, states.reshape(-1, p, n).transpose(1, 2))  # y is fresh
+    y = y.view(-1, chunk, p).baddbmm_(decayed_C, entering_states.reshape(-1, p, n).transpose(1, 2))  # y is fresh
     y = y.view(b, g, r, c, chunk, p).permute(0, 3, 4, 1, 2, 5).reshape(b, c * chunk, h, p)[:, :l]
-    last = state.reshape(b, h, p, n) if final_state else None
-    if return_chunk_states:
-        return y, last, states.permute(0, 3, 1, 2, 4, 5).reshape(b, c, h, p, n)
-    return y, last
+    if states == "final":
+        return y, state.reshape(b, h, p, n)
+    if states == "entering":
+        return y, entering_states.permute(0, 3, 1, 2, 4, 5).reshape(b, c, h, p, n)
+    return y, None
 
 
 @without_autocast

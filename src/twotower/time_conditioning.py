@@ -1,4 +1,5 @@
-"""adaLN-single time conditioning of the denoiser (reference-spec section 1.5)."""
+"""adaLN-single time conditioning of the denoiser (PixArt-alpha, Chen et al. 2023, arXiv:2310.00426;
+the sinusoidal embedding of DiT, Peebles and Xie 2023, arXiv:2212.09748)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -111,7 +112,9 @@ def run(args) -> int:
     record = Trainer(model, loss_fn, data, cfg, eval_data=held).train()
     if os.environ.get("RANK", "0") == "0":
         if cfg.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            print(f"FSDP run: the full weights are in {Path(args.out) / 'checkpoint' / 'model.safetensors'}")
+            # the parameters are sharded across ranks; the last checkpoint is the full model folder
+            shutil.copytree(Path(args.out) / "checkpoint", Path(args.out) / "model", dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("state.pt"))
         else:
             model.save_pretrained(Path(args.out) / "model")
     print(json.dumps(record))

@@ -21,7 +21,10 @@ the gradient all-reduce, and FSDP2 shards them in groups of their own (see `_sha
 A torchrun process ends with `exit_distributed()` (see there why it skips interpreter teardown).
 
 Files in `out_dir` (written by rank 0 only):
-    checkpoint/model.safetensors  full model state dict (loadable by a single process)
+    checkpoint/                   a model folder written through `hub`: config.json (for a model
+                                  with a config) and the full state dict (model.safetensors, or
+                                  shards and their index), so `from_pretrained` loads it whatever
+                                  the parallelism (FSDP included); plus
     checkpoint/state.pt           step, data position, optimizer, RNG states (torch.load weights_only)
     metrics.jsonl                 one JSON record per logged step
 """
@@ -43,7 +46,6 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -57,6 +59,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+
+from .hub import iter_shards, save_state_dict
 
 PARALLEL_MODES = ("ddp", "fsdp")
 
@@ -302,9 +306,12 @@ class Trainer:
         tmp, old = self.out_dir / "checkpoint.tmp", self.out_dir / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(_unshare(weights), tmp / "model.safetensors")
+        config = getattr(getattr(self.model, "module", self.model), "config", None)  # DDP wraps the model
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(tmp)
+        save_state_dict(weights, tmp)
         torch.save(state, tmp / "state.pt")
-        for path in (tmp / "model.safetensors", tmp / "state.pt", tmp):
+        for path in (*tmp.iterdir(), tmp):
             _fsync(path)
         if self.ckpt_dir.exists():
             self.ckpt_dir.rename(old)
@@ -327,7 +334,8 @@ class Trainer:
             return
         state = torch.load(self.ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.model, load_file(self.ckpt_dir / "model.safetensors"), options=options)
+        weights = {key: t for _, tensors in iter_shards(self.ckpt_dir) for key, t in tensors}
+        set_model_state_dict(self.model, weights, options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         self.step, self.data_index = state["step"], state["data_index"]
         if len(state["rng"]) == self.world:  # with another world size the random streams start afresh
@@ -424,16 +432,6 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
     random.setstate((random.Random.VERSION, tuple(state["python"].tolist()), None if math.isnan(gauss) else gauss))
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied embeddings): give repeats their own copy."""
-    seen, out = set(), {}
-    for name, t in tensors.items():
-        storage = t.untyped_storage().data_ptr()
-        out[name] = t.clone(memory_format=torch.contiguous_format) if storage in seen else t.contiguous()
-        seen.add(storage)
-    return out
 
 
 def _fsync(path: Path) -> None:

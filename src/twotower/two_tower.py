@@ -1,5 +1,6 @@
 """The two-tower model: a frozen causal context tower and a denoiser tower that fills one block
-of `block_size` positions at a time by mask diffusion (reference-spec sections 1.2-1.5).
+of `block_size` positions at a time by mask diffusion (Nemotron-Labs-TwoTower; block diffusion as in
+Arriola et al. 2025, arXiv:2503.09573).
 
 Parameter names and shapes are the release's (`context_tower.*`, `context_lm_head`,
 `denoiser_tower.*`, `lm_head`, `t_embedder.mlp.{0,2}`, `t_block.1`, `scale_shift_tables.{i}`),
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
@@ -124,13 +126,36 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         """adaLN-single: t [b] -> [b, 3, H], shared by all layers before each adds its own table."""
         return self.t_block(self.t_embedder(t)).unflatten(-1, (3, -1))
 
+    def denoise(self, x: torch.Tensor, t: torch.Tensor | None, context_states: list, attention_mask,
+                block_size: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser forward, for generation (one block) and for the training loss (every block
+        of a sequence at once).
+
+        x [b, n]: blocks of `block_size` positions, mask tokens where unknown (a short last block
+        is padded at its end inside, which causal Mamba and the masked attention cannot see).
+        t [b]: diffusion time (None: no time conditioning, as mock-AR). context_states: per layer,
+        the context tower's attention (K, V) [b, kv_heads, keys, d], and for Mamba the (conv, ssm)
+        state entering each block [b, blocks, ...] (None: zeros); None for MoE and MLP layers.
+        attention_mask: bool over keys [context ; x], broadcastable to [b, 1, n, keys], or None
+        (every key). Returns float32 logits [b, n, vocab], or [count, vocab] at the True entries
+        of `positions` [b, n] in row-major order (the sampler and the loss read masked positions
+        only, so the head runs there alone)."""
+        t_emb = None if t is None else self.time_embedding(t)
+        h = self.denoiser_tower.embeddings(x)
+        for i, layer in enumerate(self.denoiser_tower.layers):
+            modulation = None if t_emb is None else (self.scale_shift_tables[i][None] + t_emb).unbind(1)
+            if layer.kind == "mamba":
+                h = mamba_by_blocks(layer, h, context_states[i], modulation, block_size)
+            else:
+                h, _ = layer(h, context_states[i], mask=attention_mask, modulation=modulation, keep_state=False)
+        if positions is not None:
+            h = h[positions]
+        return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+
     def denoise_block(self, x: torch.Tensor, t: torch.Tensor | None, context: HybridCache,
                       positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoiser logits for one block. x [b, L] (mask tokens where unknown), t [b] diffusion time
-        (None: no time conditioning, as mock-AR), context: the context tower's cache after the
-        committed prefix (not modified). Returns float32 logits [b, L, vocab], or [n, vocab] for the
-        n True entries of `positions` [b, L] in row-major order: the sampler only reads the masked
-        positions, so generation runs the head on those alone."""
+        """`denoise` for one block x [b, L] after the prefix whose context tower cache is `context`
+        (not modified; moved to the denoiser's device if needed), as generation runs it."""
         device = self.denoiser_device
         context = context.to(device)  # a no-op in generate, which moves it once per block
         x = x.to(device)
@@ -139,14 +164,10 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         if context.pad_mask is not None:  # hide the prompts' left padding
             mask = torch.cat([context.pad_mask.to(device), torch.ones(b, l, dtype=torch.bool, device=device)], 1)
             mask = mask[:, None, None, :]
-        t_emb = None if t is None else self.time_embedding(t.to(device))
-        h = self.denoiser_tower.embeddings(x)
-        for i, layer in enumerate(self.denoiser_tower.layers):
-            modulation = None if t_emb is None else (self.scale_shift_tables[i][None] + t_emb).unbind(1)
-            h, _ = layer(h, context.states[i], mask, None, modulation, return_state=False)
-        if positions is not None:
-            h = h[positions.to(device)]
-        return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+        states = [tuple(s[:, None] for s in state) if layer.kind == "mamba" and state is not None else state
+                  for layer, state in zip(self.denoiser_tower.layers, context.states)]
+        return self.denoise(x, None if t is None else t.to(device), states, mask, l,
+                            None if positions is None else positions.to(device))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 diffusion_block_size: int | None = None, noise=None, generator: torch.Generator | None = None,
@@ -310,7 +331,10 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("generate() needs input_ids (a prompt of at least one token)")
         max_new_tokens, settings = generation_settings(config, self.config, input_ids.shape[1])
-        out = run_mode(self, chosen.name, input_ids, max_new_tokens, streamer=streamer, **{**settings, **extra})
+        attention_mask = extra.pop("attention_mask", None)
+        sampling, diffusion, options = split_settings("generate", {**settings, **extra, "streamer": streamer})
+        out = run_mode(self, chosen.name, input_ids, max_new_tokens, attention_mask=attention_mask,
+                       sampling=sampling, diffusion=diffusion, options=options)
         eos, pad = settings.get("eos_token_id"), config.pad_token_id
         if pad is None or eos is None or pad == (self.config.pad_token_id or 0):
             return out
@@ -327,6 +351,21 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
             return next_logits(rows)
 
         return finish_generation(input_ids, decode_ar(step, rows, next_logits(rows), max_new_tokens, run), run)
+
+
+def mamba_by_blocks(layer, h: torch.Tensor, state, modulation, block_size: int) -> torch.Tensor:
+    """A denoiser Mamba block over h [b, n, d] one block of `block_size` at a time, every block
+    starting from its own entering state (conv, ssm) [b, blocks, ...] (None: zeros): the blocks
+    run as a batch of b * blocks sequences."""
+    b, n, d = h.shape
+    blocks = -(-n // block_size)
+    pad = blocks * block_size - n
+    per_block = (F.pad(h, (0, 0, 0, pad)) if pad else h).reshape(b * blocks, block_size, d)
+    if modulation is not None and blocks > 1:
+        modulation = [m.repeat_interleave(blocks, dim=0) for m in modulation]
+    start = None if state is None else tuple(s.flatten(0, 1) for s in state)
+    out, _ = layer(per_block, start, modulation=modulation, keep_state=False)
+    return out.reshape(b, blocks * block_size, d)[:, :n]
 
 
 @dataclass

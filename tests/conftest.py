@@ -153,3 +153,20 @@ def make_tiny_model_dir(folder, vocab_size: int = 384, seed: int = 0, pattern: s
     model = randomize(TwoTowerForCausalLM(config).eval(), seed=seed, head_std=4.0)
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two shared cores: one intra-op thread for a module's servers, so spinning threads do not fight."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """(model, tokenizer) of the model that ships inside the package."""
+    from twotower.default import load_model
+
+    return load_model(None)

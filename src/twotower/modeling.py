@@ -66,11 +66,12 @@ class Block(nn.Module):
             self.mixer = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
     def forward(self, h, state=None, *, mask=None, pad_mask=None, modulation=None, block_states=None,
-                keep_state=True):
+                keep_state=True, tentative=False):
         """-> (h [b, l, d], the mixer's new state). `state`: the mixer's (attention K/V, Mamba conv
         and SSM state); `mask`: attention's; `pad_mask` [b, l]: Mamba's (False at padding);
-        `block_states`: Mamba returns the state entering every block of that size. The state is
-        None for MoE/MLP and with `keep_state=False`."""
+        `block_states`: Mamba returns the state entering every block of that size; `tentative`:
+        Mamba returns a `MambaChunk` (see `NemotronHModel.forward`). The state is None for MoE/MLP
+        and with `keep_state=False`."""
         if modulation is None:
             u = self.norm(h)
         elif self.kind in ("mamba", "attention"):
@@ -78,7 +79,8 @@ class Block(nn.Module):
         else:
             u = modulate(self.norm(h), modulation[0], modulation[1])
         if self.kind == "mamba":
-            y, state = self.mixer(u, state, pad_mask=pad_mask, block_states=block_states, keep_state=keep_state)
+            y, state = self.mixer(u, state, pad_mask=pad_mask, block_states=block_states, keep_state=keep_state,
+                                  tentative=tentative)
         elif self.kind == "attention":
             y, state = self.mixer(u, state, mask)
         else:
@@ -102,14 +104,20 @@ class NemotronHModel(nn.Module):
         return HybridCache.empty(len(self.layers))
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, tentative: bool = False) -> torch.Tensor:
         """Causal forward. `attention_mask` [b, l] marks the real tokens of `input_ids` (0 = left
         padding). With a `cache`, the input continues the cached sequence and the cache is updated
         in place; inputs longer than `config.prefill_chunk_size` are run chunk by chunk.
+
+        `tentative=True` (with a cache) runs the input as one chunk whose every prefix may be
+        kept: attention keeps all its K/V and the Mamba layers a `MambaChunk` in place of their
+        state, until `cache.keep_prefixes(lengths)` keeps the first lengths[r] positions of row r.
         """
         chunk = self.config.prefill_chunk_size
-        if cache is None or input_ids.shape[1] <= chunk:
-            return self._forward(input_ids, cache, attention_mask)
+        if tentative and cache is None:
+            raise ValueError("a tentative forward continues a cache; pass one")
+        if cache is None or input_ids.shape[1] <= chunk or tentative:
+            return self._forward(input_ids, cache, attention_mask, tentative)
         outs = [
             self._forward(input_ids[:, i:i + chunk], cache,
                           None if attention_mask is None else attention_mask[:, i:i + chunk])
@@ -117,13 +125,15 @@ class NemotronHModel(nn.Module):
         ]
         return torch.cat(outs, dim=1)
 
-    def _forward(self, input_ids, cache, attention_mask):
+    def _forward(self, input_ids, cache, attention_mask, tentative=False):
         b, l = input_ids.shape
         if l == 0:
             raise ValueError("empty input: input_ids has no positions")
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if cache is not None and cache.tentative:
+            raise ValueError("the cache holds a tentative chunk; keep_prefixes() must settle it first")
         past = cache.length if cache is not None else 0
         new_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         past_mask = cache.pad_mask if cache is not None else None
@@ -137,12 +147,14 @@ class NemotronHModel(nn.Module):
         pad_mask = None if key_mask is None else key_mask[:, past:]
         h = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            h, state = layer(h, cache.states[i] if cache is not None else None, mask=mask, pad_mask=pad_mask)
+            h, state = layer(h, cache.states[i] if cache is not None else None, mask=mask, pad_mask=pad_mask,
+                             tentative=tentative)
             if cache is not None:
                 cache.states[i] = state
         if cache is not None:
             cache.length += l
             cache.pad_mask = key_mask
+            cache.tentative = l if tentative else 0
         return self.norm_f(h)
 
 

@@ -41,7 +41,8 @@ def test_quick_run_writes_json_plot_and_table(model_dir, tmp_path, capsys):
     assert rc == 0
     report = json.loads(files["bench.json"].read_text())
     rows = report["rows"]
-    assert [(r["mode"], r["block_size"], r["confidence_threshold"]) for r in rows] == sweep((0.5, 0.8, 0.95), (8, 16))
+    assert [Setting(r["mode"], r["block_size"], r["confidence_threshold"], r["draft_steps"]) for r in rows] == sweep(
+        (0.5, 0.8, 0.95), (8, 16), (1, 2))
     assert report["prompts"] == {"stories": 2, "tasks": 2}  # --quick keeps 2 of the 3 stories
     for row in rows:
         assert set(FIELDS) <= set(row)
@@ -50,9 +51,15 @@ def test_quick_run_writes_json_plot_and_table(model_dir, tmp_path, capsys):
     ar = rows[0]
     assert ar["speedup_vs_ar"] == 1.0 and ar["quality_retained"] == 1.0
     assert ar["tokens_per_denoiser_forward"] is None and ar["denoiser_forwards_per_token"] == 0
-    for row in rows[2:]:  # a diffusion forward commits at least one token of every row it runs
-        assert row["tokens_per_denoiser_forward"] >= 1
+    for row in rows[2:]:
+        if row["mode"] == "diffusion":  # a diffusion forward commits at least one token of every row it runs
+            assert row["tokens_per_denoiser_forward"] >= 1
         assert row["speedup_vs_ar"] == pytest.approx(row["tokens_per_second"] / ar["tokens_per_second"])
+    speculative = [r for r in rows if r["mode"] == "speculative"]
+    assert [(r["block_size"], r["draft_steps"]) for r in speculative] == [(8, 1), (8, 2), (16, 1), (16, 2)]
+    for row in speculative:  # AR's tokens, so AR's quality, and drafts were accepted
+        assert row["quality_retained"] == 1.0 and row["task_accuracy"] == ar["task_accuracy"]
+        assert 0 < row["acceptance_rate"] <= 1 and row["tokens_per_round"] > 1
     assert report["headline"] == next(r for r in rows if (r["block_size"], r["confidence_threshold"]) == (16, 0.8))
     assert files["bench.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = files["bench.md"].read_text()
@@ -63,17 +70,18 @@ def test_quick_run_writes_json_plot_and_table(model_dir, tmp_path, capsys):
 def test_counts_and_results_do_not_depend_on_the_batch_size(model_dir):
     model, tokenizer = load_model(model_dir)
     stories, tasks = load_prompts(model_dir, DATA / "prompts.jsonl")
-    settings = sweep((0.6,), (4, 8))
+    settings = sweep((0.6,), (4, 8), (2,))
     runs = {b: run_bench(model, tokenizer, stories, tasks, settings, max_new_tokens=8, batch_size=b, progress=False)
             for b in (1, 4)}
     for rows, outputs in runs.values():
         for row in rows:
-            generated = outputs[Setting(row["mode"], row["block_size"], row["confidence_threshold"])]
+            generated = outputs[Setting(row["mode"], row["block_size"], row["confidence_threshold"], row["draft_steps"])]
             assert len(generated) == len(stories) + len(tasks)
             assert all(len(g) <= 8 for g in generated)  # no prompt, no padding
             assert row["generated_tokens"] == sum(len(g) for g in generated)
     (rows1, outputs1), (rows4, outputs4) = runs[1], runs[4]
     assert outputs1 == outputs4
+    assert outputs1[Setting("speculative", 8, None, 2)] == outputs1[Setting("ar")]
     quality = ("mode", "block_size", "confidence_threshold", "generated_tokens", "task_accuracy", "accuracy_by_kind",
                "story_perplexity", "quality_retained")
     for r1, r4 in zip(rows1, rows4):

@@ -132,3 +132,13 @@ def test_local_tasks_run_through_simple_evaluate(model_dir, lm, monkeypatch):
     for sample in answers:
         [[text]] = sample["resps"]
         assert "\n" not in text and "." not in text
+
+
+def test_speculative_mode_generates_ar_text(model_dir):
+    contexts = ["Once upon a time", "Tom saw a", "The sun was warm and the birds sang in the"]
+    requests = [request("generate_until", c, {"until": ["."], "max_gen_toks": 16}) for c in contexts]
+    speculative = TwoTowerLM(pretrained=str(model_dir), batch_size=3, mode="speculative", block_size=4, draft_steps=2)
+    assert (speculative.diffusion.block_size, speculative.diffusion.draft_steps) == (4, 2)
+    ar = TwoTowerLM(pretrained=str(model_dir), batch_size=3, mode="ar")
+    assert speculative.generate_until(requests) == ar.generate_until(requests)
+    assert speculative.counts["generate_until"]["denoiser_forwards"] > 0

@@ -182,6 +182,20 @@ def test_concurrent_clients_equal_sequential_and_memory_settles(client, http):
     assert psutil.Process().memory_info().rss - before_rss < 200 * 2**20
 
 
+def test_speculative_answers_are_ar_answers_with_draft_counts_in_usage(client):
+    kw = dict(max_tokens=16, block_size=4)
+    text, finish, usage, _ = ask(client, PROMPTS[1], mode="speculative", draft_steps=2, **kw)
+    streamed, s_finish, s_usage, chunks = ask(client, PROMPTS[1], stream=True, mode="speculative", draft_steps=2, **kw)
+    assert (text, finish) == (streamed, s_finish) == ask(client, PROMPTS[1], mode="ar", **kw)[:2]
+    extra = usage.model_extra
+    assert 0 < extra["accepted_tokens"] <= extra["drafted_tokens"] and extra["tokens_per_round"] > 1
+    assert s_usage.model_extra == extra
+    assert chunks < usage.completion_tokens  # a chunk per round, which commits accepted drafts too
+    with ThreadPoolExecutor(4) as pool:  # batched rows accept different numbers and still equal alone
+        together = list(pool.map(lambda p: ask(client, p, mode="speculative", **kw)[0], PROMPTS))
+    assert together == [ask(client, p, mode="ar", **kw)[0] for p in PROMPTS]
+
+
 def test_concurrent_compatible_requests_share_one_batch(client, http):
     """Two requests queued behind a busy worker run as one batch of two rows."""
     with ThreadPoolExecutor(3) as pool:
@@ -274,6 +288,7 @@ BAD_REQUESTS = [
     ("n of two", C, {"prompt": "Hi", "n": 2}, 400, "n"),
     ("unknown mode", C, {"prompt": "Hi", "mode": "beam"}, 400, "mode"),
     ("block_size zero", C, {"prompt": "Hi", "block_size": 0}, 400, "block_size"),
+    ("draft_steps zero", C, {"prompt": "Hi", "mode": "speculative", "draft_steps": 0}, 400, "draft_steps"),
     ("block_size huge", C, {"prompt": "Hi", "block_size": 10**6}, 400, "block_size"),
     ("confidence_threshold above one", C, {"prompt": "Hi", "confidence_threshold": 1.5}, 400,
      "confidence_threshold"),

@@ -1,7 +1,8 @@
-"""`twotower bench`: quality versus speed of AR, mock-AR and mask diffusion, measured in one run.
+"""`twotower bench`: quality versus speed of every generation mode, measured in one run.
 
-Every setting (AR, mock-AR, and mask diffusion at each block size and confidence threshold of
-a sweep) generates, greedily, for the same prompts in the same process. The settings take turns
+Every setting (AR, mock-AR, mask diffusion at each block size and confidence threshold of a
+sweep, speculative decoding at each block size and number of draft steps) generates, greedily,
+for the same prompts in the same process. The settings take turns
 on every prompt batch, in an order that rotates from batch to batch, so drift of the machine
 (heat, other load) favours none of them.
 
@@ -16,7 +17,8 @@ forward and denoiser and context forwards per token (one forward runs a whole ba
 the first committed block (the first token for the token-by-token modes), and the speed-up over
 AR measured in the same run.
 Diffusion runs `steps_per_block = block_size`, so the threshold alone decides how many tokens a
-denoiser forward commits.
+denoiser forward commits. Speculative rows add the fraction of drafted tokens accepted and the
+tokens a draft-and-verify round commits; their output is AR's by construction.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ from .tasks import Task, make_tasks
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 BLOCK_SIZES = (4, 8, 16, 32)
+DRAFT_STEPS = (1, 2, 3)
 MAX_NEW_TOKENS = 64
 TASK_NEW_TOKENS = 16  # enough for every exact answer and its newline; tasks get at most this many
 HEADLINE = (16, 0.8)  # (block size, threshold): the release's setting
-QUICK = dict(stories=2, tasks=5, thresholds=(0.5, 0.8, 0.95), block_sizes=(8, 16), max_new_tokens=16)
+QUICK = dict(stories=2, tasks=5, thresholds=(0.5, 0.8, 0.95), block_sizes=(8, 16), draft_steps=(1, 2),
+             max_new_tokens=16)
 FALLBACK_TASKS = 50
 # openings for models whose folder has no held-out story prompts
 STORY_OPENINGS = (
@@ -56,30 +60,35 @@ STORY_OPENINGS = (
 
 
 class Setting(NamedTuple):
-    """One generation setting; block_size and confidence_threshold are None for the AR modes."""
+    """One generation setting: block_size is None for the AR modes; confidence_threshold or
+    draft_steps is the setting swept with it (`Mode.swept`), the other None."""
 
     mode: str
     block_size: int | None = None
     confidence_threshold: float | None = None
+    draft_steps: int | None = None
 
     def kwargs(self) -> dict:
         if not get_mode(self.mode).uses_diffusion:
             return {}
+        chosen = dict(confidence_threshold=self.confidence_threshold, draft_steps=self.draft_steps)
         return dict(block_size=self.block_size, steps_per_block=self.block_size,
-                    confidence_threshold=self.confidence_threshold)
+                    **{k: v for k, v in chosen.items() if v is not None})
 
     def label(self) -> str:
         if not get_mode(self.mode).uses_diffusion:
             return self.mode
-        return f"{self.mode} S={self.block_size} t={self.confidence_threshold}"
+        swept = f"t={self.confidence_threshold}" if self.draft_steps is None else f"steps={self.draft_steps}"
+        return f"{self.mode} S={self.block_size} {swept}"
 
 
-def sweep(thresholds=THRESHOLDS, block_sizes=BLOCK_SIZES) -> list[Setting]:
-    """Every mode of `MODES`: AR (the reference), mock-AR, and diffusion at every block size and
-    threshold."""
+def sweep(thresholds=THRESHOLDS, block_sizes=BLOCK_SIZES, draft_steps=DRAFT_STEPS) -> list[Setting]:
+    """Every mode of `MODES`: AR (the reference), mock-AR, and at every block size diffusion at
+    every threshold and speculative decoding at every number of draft steps."""
+    values = {"confidence_threshold": [float(t) for t in thresholds], "draft_steps": [int(d) for d in draft_steps]}
     plain = [Setting(name) for name, mode in MODES.items() if not mode.uses_diffusion]
-    return plain + [Setting(name, int(b), float(t)) for name, mode in MODES.items() if mode.uses_diffusion
-                    for b in block_sizes for t in thresholds]
+    return plain + [Setting(name, int(b), **{mode.swept: v}) for name, mode in MODES.items() if mode.uses_diffusion
+                    for b in block_sizes for v in values[mode.swept]]
 
 
 # ---------------------------------------------------------------- prompts
@@ -129,7 +138,8 @@ def run_bench(model, tokenizer, stories: list[str], tasks: list[Task], settings:
     new_tokens = {"stories": max_new_tokens, "tasks": min(TASK_NEW_TOKENS, max_new_tokens)}
     _warm_up(model, tokenizer, batches[0][1][0], settings)
     outputs = {s: {"stories": [], "tasks": []} for s in settings}
-    totals = {s: dict(generated_tokens=0, denoiser_forwards=0, context_forwards=0, wall_time=0.0) for s in settings}
+    totals = {s: dict(generated_tokens=0, denoiser_forwards=0, context_forwards=0, wall_time=0.0, drafted_tokens=0,
+                      accepted_tokens=0, rounds=0) for s in settings}
     latencies = {s: [] for s in settings}
     with tqdm(total=len(batches) * len(settings), desc="bench", unit="run", disable=not progress) as bar:
         for i, (kind, prompts) in enumerate(batches):
@@ -162,7 +172,10 @@ def _measurements(model, tokenizer, s: Setting, stories, tasks, out: dict, t: di
         "mode": s.mode,
         "block_size": s.block_size,
         "confidence_threshold": s.confidence_threshold,
-        "steps_per_block": s.block_size,
+        "steps_per_block": s.block_size if s.draft_steps is None else None,
+        "draft_steps": s.draft_steps,
+        "acceptance_rate": t["accepted_tokens"] / t["drafted_tokens"] if t["drafted_tokens"] else None,
+        "tokens_per_round": (t["accepted_tokens"] + t["rounds"]) / t["rounds"] if t["rounds"] else None,
         "generated_tokens": n,
         "wall_time": t["wall_time"],
         "tokens_per_second": n / t["wall_time"],
@@ -200,11 +213,13 @@ def headline(rows: list[dict]) -> dict | None:
 
 COLUMNS = (
     ("mode", "mode", "{}"), ("block", "block_size", "{}"), ("threshold", "confidence_threshold", "{}"),
+    ("draft steps", "draft_steps", "{}"),
     ("tokens/s", "tokens_per_second", "{:.1f}"), ("speed-up vs AR", "speedup_vs_ar", "{:.2f}x"),
     ("tokens/denoiser fwd", "tokens_per_denoiser_forward", "{:.2f}"),
     ("denoiser fwd/token", "denoiser_forwards_per_token", "{:.2f}"),
     ("context fwd/token", "context_forwards_per_token", "{:.2f}"),
-    ("first block (ms)", "first_block_latency", "{:.0f}"), ("task accuracy", "task_accuracy", "{:.1%}"),
+    ("first block (ms)", "first_block_latency", "{:.0f}"), ("acceptance", "acceptance_rate", "{:.1%}"),
+    ("tokens/round", "tokens_per_round", "{:.2f}"), ("task accuracy", "task_accuracy", "{:.1%}"),
     ("story perplexity", "story_perplexity", "{:.2f}"), ("quality retained", "quality_retained", "{:.1%}"),
 )
 
@@ -223,7 +238,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str | Path) -> None:
     """PNG of quality retained against speed-up: one curve per block size (thresholds marked
-    along it), mock-AR, and AR as the reference point (1, 1)."""
+    along it), speculative decoding per number of draft steps (block sizes marked), mock-AR, and
+    AR as the reference point (1, 1)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -231,13 +247,21 @@ def plot(rows: list[dict], path: str | Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for b in sorted({r["block_size"] for r in rows if r["mode"] == "diffusion"}):
-        curve = sorted((r for r in rows if r["block_size"] == b and r["quality_retained"] is not None),
-                       key=lambda r: r["confidence_threshold"])
+        curve = sorted((r for r in rows if r["mode"] == "diffusion" and r["block_size"] == b
+                        and r["quality_retained"] is not None), key=lambda r: r["confidence_threshold"])
         x, y = [r["speedup_vs_ar"] for r in curve], [r["quality_retained"] for r in curve]
         ax.plot(x, y, marker="o", label=f"diffusion, block {b}")
         for r in curve:
             ax.annotate(f"{r['confidence_threshold']:g}", (r["speedup_vs_ar"], r["quality_retained"]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for d in sorted({r["draft_steps"] for r in rows if r["draft_steps"] is not None}):
+        curve = sorted((r for r in rows if r["draft_steps"] == d and r["quality_retained"] is not None),
+                       key=lambda r: r["block_size"])
+        ax.plot([r["speedup_vs_ar"] for r in curve], [r["quality_retained"] for r in curve], marker="^",
+                linestyle="--", label=f"speculative, {d} draft step{'s' if d > 1 else ''}")
+        for r in curve:
+            ax.annotate(f"S={r['block_size']}", (r["speedup_vs_ar"], r["quality_retained"]),
+                        textcoords="offset points", xytext=(4, -10), fontsize=7)
     for r in rows:
         if r["mode"] == "mock-ar" and r["quality_retained"] is not None:
             ax.scatter([r["speedup_vs_ar"]], [r["quality_retained"]], marker="s", color="grey", label="mock-AR")
@@ -246,7 +270,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
     ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("speed-up over AR (generated tokens/s)")
     ax.set_ylabel("quality retained (relative to AR)")
-    ax.set_title("TwoTower: quality versus speed (labels: confidence threshold)")
+    ax.set_title("TwoTower: quality versus speed (labels: confidence threshold, block size)")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
@@ -261,6 +285,8 @@ def add_arguments(p) -> None:
                    help=f"confidence thresholds (default: {' '.join(map(str, THRESHOLDS))})")
     p.add_argument("--block-sizes", type=int, nargs="+", default=None, metavar="S",
                    help=f"block sizes (default: {' '.join(map(str, BLOCK_SIZES))})")
+    p.add_argument("--draft-steps", type=int, nargs="+", default=None, metavar="D",
+                   help=f"draft steps of the speculative rows (default: {' '.join(map(str, DRAFT_STEPS))})")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                    help=f"new tokens per prompt (default: {MAX_NEW_TOKENS}; tasks get at most {TASK_NEW_TOKENS})")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="prompts per generate call (default: 1)")
@@ -269,7 +295,7 @@ def add_arguments(p) -> None:
     p.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown table here")
     p.add_argument("--quick", action="store_true",
                    help="a run of a minute or two: 2 story prompts and 5 tasks, thresholds 0.5 0.8 0.95, block "
-                        "sizes 8 16, 16 new tokens (explicit options still win)")
+                        "sizes 8 16, draft steps 1 2, 16 new tokens (explicit options still win)")
 
 
 def run(args) -> int:
@@ -287,8 +313,9 @@ def run(args) -> int:
         stories, tasks = stories[:quick["stories"]], tasks[:quick["tasks"]]
     thresholds = args.thresholds or quick.get("thresholds", THRESHOLDS)
     block_sizes = args.block_sizes or quick.get("block_sizes", BLOCK_SIZES)
+    draft_steps = args.draft_steps or quick.get("draft_steps", DRAFT_STEPS)
     max_new_tokens = args.max_new_tokens or quick.get("max_new_tokens", MAX_NEW_TOKENS)
-    rows, _ = run_bench(model, tokenizer, stories, tasks, sweep(thresholds, block_sizes), max_new_tokens,
+    rows, _ = run_bench(model, tokenizer, stories, tasks, sweep(thresholds, block_sizes, draft_steps), max_new_tokens,
                         args.batch_size)
     table = markdown_table(rows)
     print(table)
@@ -298,6 +325,11 @@ def run(args) -> int:
               f"{top['speedup_vs_ar']:.2f}x AR's tokens/s, "
               f"{top['tokens_per_denoiser_forward']:.2f} tokens per denoiser forward, quality retained "
               + ("-" if top["quality_retained"] is None else f"{top['quality_retained']:.1%}"))
+    fastest = max((r for r in rows if r["draft_steps"] is not None), key=lambda r: r["speedup_vs_ar"], default=None)
+    if fastest is not None:
+        print(f"fastest speculative (block {fastest['block_size']}, {fastest['draft_steps']} draft steps): "
+              f"{fastest['speedup_vs_ar']:.2f}x AR's tokens/s, {fastest['acceptance_rate'] or 0:.1%} of drafts "
+              f"accepted, {fastest['tokens_per_round']:.2f} tokens per round")
     if args.json:
         report = {"model": str(model_dir), "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
                   "task_new_tokens": min(TASK_NEW_TOKENS, max_new_tokens),

@@ -82,7 +82,8 @@ def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_toke
 
     Only generated tokens count (prompt and padding never do)."""
     eos = tokenizer.eos_token_id
-    outputs, totals = [], {"generated_tokens": 0, "denoiser_forwards": 0, "context_forwards": 0, "wall_time": 0.0}
+    counted = ("generated_tokens", "denoiser_forwards", "context_forwards", "drafted_tokens", "accepted_tokens", "rounds")
+    outputs, totals = [], {**dict.fromkeys(counted, 0), "wall_time": 0.0}
     for i in range(0, len(prompts), batch_size):
         rows = [tokenizer(p).input_ids for p in prompts[i:i + batch_size]]
         ids, mask = left_pad(rows, tokenizer.pad_token_id)
@@ -91,12 +92,10 @@ def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_toke
                        return_dict_in_generate=True, **kw)
         elapsed = time.perf_counter() - start
         outputs += [through_eos(row, eos)[0] for row in out.sequences[:, ids.shape[1]:].tolist()]
-        s = out.stats
-        totals["generated_tokens"] += s.generated_tokens
-        totals["denoiser_forwards"] += s.denoiser_forwards
-        totals["context_forwards"] += s.context_forwards
+        for key in counted:
+            totals[key] += getattr(out.stats, key)
         totals["wall_time"] += elapsed
-        totals.setdefault("first_block_latency", s.first_block_latency)
+        totals.setdefault("first_block_latency", out.stats.first_block_latency)
     return outputs, totals
 
 

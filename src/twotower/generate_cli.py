@@ -1,4 +1,4 @@
-"""`twotower generate PROMPT`: text from the embedded model (or --model) in any of the three modes.
+"""`twotower generate PROMPT`: text from the embedded model (or --model) in any mode of `MODES`.
 
 Diffusion output streams block by block; `--show-steps` redraws the block being denoised after
 every step, masked positions as `_`, so the order in which tokens are committed can be watched.
@@ -23,6 +23,7 @@ def add_arguments(p) -> None:
     p.add_argument("--block-size", type=int, default=None, help="default: the model's (16)")
     p.add_argument("--steps-per-block", type=int, default=None, help="default: the model's (16)")
     p.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the model's, 0.8)")
+    p.add_argument("--draft-steps", type=int, default=1, help="denoising steps of a speculative draft (default: 1)")
     p.add_argument("--unmasking", choices=tuple(UNMASKING_RULES), default="confidence",
                    help="which predictions a denoising step commits: confidence (above --threshold) or fixed "
                         "(block size / steps per block each step, the most confident first)")
@@ -99,7 +100,8 @@ def run(args) -> int:
     try:
         out = run_mode(model, args.mode, ids, args.max_new_tokens, block_size=args.block_size,
                        steps_per_block=args.steps_per_block, confidence_threshold=args.threshold,
-                       unmasking=args.unmasking, streamer=stream, step_callback=callback, **common)
+                       unmasking=args.unmasking, draft_steps=args.draft_steps, streamer=stream,
+                       step_callback=callback, **common)
     except ValueError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2
@@ -110,4 +112,7 @@ def run(args) -> int:
         print(f"[{args.mode}] {s.generated_tokens} tokens in {s.wall_time:.2f}s ({s.tokens_per_second:.1f} tok/s); "
               f"denoiser forwards {s.denoiser_forwards}, context forwards {s.context_forwards}, "
               f"tokens per denoiser forward {s.tokens_per_denoiser_forward:.2f}", file=sys.stderr)
+        if s.rounds:
+            print(f"[{args.mode}] drafted {s.drafted_tokens}, accepted {s.accepted_tokens} "
+                  f"({s.acceptance_rate:.0%}), tokens per round {s.tokens_per_round:.2f}", file=sys.stderr)
     return 0

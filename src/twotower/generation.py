@@ -14,17 +14,64 @@ from .sampler import sample_next
 
 
 @dataclass
+class RowSpeculation:
+    """One row's draft-and-verify rounds in speculative decoding: every round commits the
+    accepted drafted tokens and one token of the AR tower's."""
+
+    drafted: int = 0  # tokens the denoiser proposed
+    accepted_per_round: list[int] = field(default_factory=list)  # of those, accepted, per round
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepted_per_round)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.accepted_per_round)
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens a round commits: the accepted drafts and the AR tower's own token."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+
+@dataclass
 class GenerationStats:
     """What a generate call cost. Counts exclude prompt and padding tokens.
 
     `first_block_latency`: seconds from the call to the first committed output, the first block in
-    mask diffusion and the first token (a block of one) in the token-by-token modes."""
+    mask diffusion and the first token (a block of one) in the token-by-token modes.
+    `speculation`: speculative decoding's rounds, one entry per row of the batch (empty in the
+    other modes); the properties below sum them."""
 
     generated_tokens: int = 0
     denoiser_forwards: int = 0
     context_forwards: int = 0
     wall_time: float = 0.0
     first_block_latency: float | None = None
+    speculation: list[RowSpeculation] = field(default_factory=list)
+
+    @property
+    def drafted_tokens(self) -> int:
+        return sum(r.drafted for r in self.speculation)
+
+    @property
+    def accepted_tokens(self) -> int:
+        return sum(r.accepted for r in self.speculation)
+
+    @property
+    def rounds(self) -> int:
+        """Draft-and-verify rounds, counted per row."""
+        return sum(r.rounds for r in self.speculation)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens a round commits: the accepted drafts and the AR tower's own token."""
+        return (self.accepted_tokens + self.rounds) / self.rounds if self.rounds else 0.0
 
     @property
     def tokens_per_denoiser_forward(self) -> float:

@@ -10,12 +10,13 @@ from Python, `import twotower.lm_eval_adapter` before `lm_eval.simple_evaluate(m
 
 * `loglikelihood`, `loglikelihood_rolling`: exact, through the AR context tower (one causal
   forward per batch of requests, no Monte-Carlo);
-* `generate_until`: the chosen mode (`diffusion`, `mock-ar` or `ar`). The text is cut at the
+* `generate_until`: the chosen mode (`diffusion`, `speculative`, `mock-ar` or `ar`). The text is cut at the
   first stop string. A batch is one generate call, which ends as soon as every row has met a stop
   string or EOS (a row done early rides along until then; with EOS it leaves the batch).
 
 Model arguments: pretrained (default: the embedded model), mode, block_size,
-confidence_threshold, steps_per_block, max_length (context, default 2048), max_gen_toks
+confidence_threshold, steps_per_block, unmasking, draft_steps (speculative), max_length (context,
+default 2048), max_gen_toks
 (default 256), dtype, plus lm_eval's batch_size and device. A throughput summary is printed
 after each kind of request.
 """
@@ -50,7 +51,8 @@ class TwoTowerLM(TemplateLM):
 
     def __init__(self, pretrained: str | None = None, mode: str = "diffusion", block_size: int | None = None,
                  confidence_threshold: float | None = None, steps_per_block: int | None = None,
-                 unmasking: str = "confidence", max_length: int = 2048, max_gen_toks: int = 256, dtype: str = "float32",
+                 unmasking: str = "confidence", draft_steps: int = 1, max_length: int = 2048, max_gen_toks: int = 256,
+                 dtype: str = "float32",
                  batch_size: int | str = 1, max_batch_size: int | None = None, device: str | None = None):
         # lm_eval passes max_batch_size, which only matters for batch_size "auto" (not supported here)
         super().__init__()
@@ -63,7 +65,8 @@ class TwoTowerLM(TemplateLM):
         self.model = model.to(device)
         self._device = torch.device(device)
         self.diffusion = DiffusionParams(*(None if v is None else kind(v) for kind, v in (
-            (int, block_size), (int, steps_per_block), (float, confidence_threshold))), unmasking=unmasking)
+            (int, block_size), (int, steps_per_block), (float, confidence_threshold))), unmasking=unmasking,
+            draft_steps=int(draft_steps))
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.max_gen_toks = int(max_gen_toks)

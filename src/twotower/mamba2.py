@@ -4,13 +4,15 @@ computation)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .linear import Linear
 from .norm import GatedRMSNorm
-from .ssd import ssd_chunked, ssd_step
+from .ssd import ssd_chunked, ssd_state_after, ssd_step
 
 MambaState = tuple[torch.Tensor, torch.Tensor]  # (conv [b, conv_dim, K-1], ssm [b, h, p, n] float32)
 
@@ -44,6 +46,37 @@ def block_conv_histories(raw: torch.Tensor, history: torch.Tensor, block_size: i
     l, k1 = raw.shape[1], history.shape[-1]
     seq = torch.cat([history.to(raw.dtype), raw.transpose(1, 2)], dim=-1)
     return torch.stack([seq[:, :, i:i + k1] for i in range(0, l, block_size)], dim=1)
+
+
+def conv_history_after(history: torch.Tensor, raw: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The conv history (last K-1 raw inputs) after the first `lengths[r]` positions of row r.
+
+    history [b, c, K-1] what precedes the chunk, raw [b, l, c] its inputs -> [b, c, K-1]."""
+    k1 = history.shape[-1]
+    seq = torch.cat([history.to(raw.dtype), raw.transpose(1, 2)], dim=-1)  # [b, c, K-1+l]
+    index = lengths.to(seq.device)[:, None] + torch.arange(k1, device=seq.device)  # [b, K-1]
+    return seq.gather(2, index[:, None, :].expand(-1, seq.shape[1], -1))
+
+
+@dataclass
+class MambaChunk:
+    """What a Mamba layer saw in a chunk it ran tentatively: enough to give its state after any
+    prefix of the chunk, per row, without running anything again (speculative decoding keeps
+    the prefix the verifier accepted). Its memory is the chunk's scan inputs, a few hundred
+    bytes per position and channel group, not a state per position."""
+
+    conv_before: torch.Tensor  # [b, conv_dim, K-1] the conv history entering the chunk
+    raw: torch.Tensor  # [b, l, conv_dim] the conv inputs of the chunk
+    x: torch.Tensor  # [b, l, h, p] scan inputs (float32, after the conv)
+    dt: torch.Tensor  # [b, l, h]
+    B: torch.Tensor  # [b, l, g, n]
+    A: torch.Tensor  # [h]
+    ssm_before: torch.Tensor | None  # [b, h, p, n] the SSM state entering the chunk (None: zeros)
+
+    def state_after(self, lengths: torch.Tensor) -> MambaState:
+        """(conv history, SSM state) after the first lengths[r] positions of row r."""
+        return (conv_history_after(self.conv_before, self.raw, lengths),
+                ssd_state_after(self.x, self.dt, self.A, self.B, lengths, self.ssm_before))
 
 
 class Mamba2Mixer(nn.Module):
@@ -87,20 +120,22 @@ class Mamba2Mixer(nn.Module):
         return dt if pad_mask is None else dt * pad_mask[..., None]
 
     def forward(self, u: torch.Tensor, state: MambaState | None = None, *, pad_mask: torch.Tensor | None = None,
-                block_states: int | None = None, keep_state: bool = True):
+                block_states: int | None = None, keep_state: bool = True, tentative: bool = False):
         """-> (out [b, l, hidden], state). The state is the final (conv, ssm); with `block_states`
         = L, the one entering every block of L positions: (conv [b, blocks, conv_dim, K-1], ssm
         [b, blocks, h, p, n]), which training uses to seed the denoiser's blocks from one context
-        pass; with `keep_state=False`, None and not computed (the denoiser discards it)."""
+        pass; with `keep_state=False`, None and not computed (the denoiser discards it); with
+        `tentative=True`, a `MambaChunk`, from which the state after any prefix of the input
+        follows (`HybridCache.keep_prefixes`)."""
         b, l, _ = u.shape
-        if l == 1 and state is not None and not block_states:
+        if l == 1 and state is not None and not block_states and not tentative:
             out, state = self.step(u, state, pad_mask)
             return out, state if keep_state else None
         z, xBC, dt = self.in_proj(u).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if pad_mask is not None:
             xBC = xBC * pad_mask[..., None].to(xBC.dtype)
         conv_history, ssm_state = state if state is not None else (None, None)
-        raw = xBC
+        raw, history_before = xBC, conv_history
         xBC, conv_history = causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_history)
         group_width = self.n_groups * self.state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
@@ -109,6 +144,11 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, l, self.num_heads, self.head_dim)
         B = B.reshape(b, l, self.n_groups, self.state_size)
         C = C.reshape(b, l, self.n_groups, self.state_size)
+        if tentative:
+            y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state, states=None)
+            if history_before is None:
+                history_before = torch.zeros_like(conv_history)
+            return self._output(y, x, z, pad_mask, u.dtype), MambaChunk(history_before, raw, x, dt, B, A, ssm_state)
         if block_states:
             y, ssm_state = ssd_chunked(x, dt, A, B, C, block_states, ssm_state, states="entering")
             start = state[0] if state is not None and state[0] is not None else raw.new_zeros(

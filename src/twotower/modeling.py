@@ -81,11 +81,12 @@ class Block(nn.Module):
         return super().__call__(*args, **kwargs)
 
     def forward(self, h, state=None, *, mask=None, pad_mask=None, modulation=None, block_states=None,
-                keep_state=True):
+                keep_state=True, tentative=False):
         """-> (h [b, l, d], the mixer's new state). `state`: the mixer's (attention K/V, Mamba conv
         and SSM state); `mask`: attention's; `pad_mask` [b, l]: Mamba's (False at padding);
-        `block_states`: Mamba returns the state entering every block of that size. The state is
-        None for MoE/MLP and with `keep_state=False`."""
+        `block_states`: Mamba returns the state entering every block of that size; `tentative`:
+        Mamba returns a `MambaChunk` (see `NemotronHModel.forward`). The state is None for MoE/MLP
+        and with `keep_state=False`."""
         if modulation is None:
             u = self.norm(h)
         elif self.kind in ("mamba", "attention"):
@@ -93,7 +94,8 @@ class Block(nn.Module):
         else:
             u = modulate(self.norm(h), modulation[0], modulation[1])
         if self.kind == "mamba":
-            y, state = self.mixer(u, state, pad_mask=pad_mask, block_states=block_states, keep_state=keep_state)
+            y, state = self.mixer(u, state, pad_mask=pad_mask, block_states=block_states, keep_state=keep_state,
+                                  tentative=tentative)
         elif self.kind == "attention":
             y, state = self.mixer(u, state, mask)
         else:
@@ -118,12 +120,16 @@ class NemotronHModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, cache: HybridCache | None = None,
                 attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                hidden_states: list | None = None) -> torch.Tensor:
+                hidden_states: list | None = None, tentative: bool = False) -> torch.Tensor:
         """Causal forward of `input_ids` [b, l] or of their embeddings `inputs_embeds` [b, l, d].
         `attention_mask` [b, l] marks the real tokens (0 = left padding). With a `cache`, the input
         continues the cached sequence and the cache is updated in place; inputs longer than
         `config.prefill_chunk_size` are run chunk by chunk. A list given as `hidden_states`
         receives each layer's input and the normed output (transformers' `output_hidden_states`).
+
+        `tentative=True` (with a cache) runs the input as one chunk whose every prefix may be
+        kept: attention keeps all its K/V and the Mamba layers a `MambaChunk` in place of their
+        state, until `cache.keep_prefixes(lengths)` keeps the first lengths[r] positions of row r.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
@@ -131,8 +137,10 @@ class NemotronHModel(nn.Module):
             check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embeddings(input_ids)
         chunk = self.config.prefill_chunk_size
-        if cache is None or inputs_embeds.shape[1] <= chunk:
-            return self._forward(inputs_embeds, cache, attention_mask, hidden_states)
+        if tentative and cache is None:
+            raise ValueError("a tentative forward continues a cache; pass one")
+        if cache is None or inputs_embeds.shape[1] <= chunk or tentative:
+            return self._forward(inputs_embeds, cache, attention_mask, hidden_states, tentative)
         if hidden_states is not None:
             raise ValueError("output_hidden_states is not available for a cached prefill longer than "
                              f"prefill_chunk_size ({chunk})")
@@ -143,10 +151,12 @@ class NemotronHModel(nn.Module):
         ]
         return torch.cat(outs, dim=1)
 
-    def _forward(self, h, cache, attention_mask, hidden_states):
+    def _forward(self, h, cache, attention_mask, hidden_states, tentative=False):
         b, l = h.shape[:2]
         if l == 0:
             raise ValueError("empty input: input_ids has no positions")
+        if cache is not None and cache.tentative:
+            raise ValueError("the cache holds a tentative chunk; keep_prefixes() must settle it first")
         past = cache.length if cache is not None else 0
         new_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         past_mask = cache.pad_mask if cache is not None else None
@@ -161,12 +171,14 @@ class NemotronHModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(h)
-            h, state = layer(h, cache.states[i] if cache is not None else None, mask=mask, pad_mask=pad_mask)
+            h, state = layer(h, cache.states[i] if cache is not None else None, mask=mask, pad_mask=pad_mask,
+                             tentative=tentative)
             if cache is not None:
                 cache.states[i] = state
         if cache is not None:
             cache.length += l
             cache.pad_mask = key_mask
+            cache.tentative = l if tentative else 0
         h = self.norm_f(h)
         if hidden_states is not None:
             hidden_states.append(h)

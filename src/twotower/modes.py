@@ -6,8 +6,9 @@ A mode is a name, the function that runs it, called as
     mode.generate(model, input_ids, max_new_tokens, attention_mask=..., sampling=SamplingParams,
                   options=GenerateOptions[, diffusion=DiffusionParams])
 
-and whether it takes `DiffusionParams` (and a `step_callback`). `register_mode` adds one;
-`TwoTowerForCausalLM`'s module registers "diffusion", "mock-ar" and "ar".
+whether it takes `DiffusionParams` (and a `step_callback`), and which of their fields `twotower
+bench` sweeps besides the block size. `register_mode` adds one; `TwoTowerForCausalLM`'s module
+registers "diffusion", "speculative", "mock-ar" and "ar".
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Mode:
     generate: Callable
     uses_diffusion: bool  # takes `diffusion` and a step_callback
     summary: str
+    swept: str = "confidence_threshold"  # the DiffusionParams field the benchmark sweeps with block_size
 
 
 def register_mode(mode: Mode) -> Mode:

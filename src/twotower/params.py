@@ -94,17 +94,20 @@ class DiffusionParams:
     """Mask diffusion of one block: up to `steps_per_block` denoising steps over `block_size`
     positions that start as `mask_token_id`; the unmasking rule (a name in
     `sampler.UNMASKING_RULES`) decides which predictions each step commits, the "confidence" rule
-    by `confidence_threshold`. None: the model's config value (see `resolve`)."""
+    by `confidence_threshold`. None: the model's config value (see `resolve`). Speculative
+    decoding drafts its blocks in `draft_steps` steps instead (the rule deciding all but the last)."""
 
     block_size: int | None = None
     steps_per_block: int | None = None
     confidence_threshold: float | None = None
     mask_token_id: int | None = None
     unmasking: str = "confidence"
+    draft_steps: int = 1
 
     def __post_init__(self):
         _check_int("block_size", self.block_size, 1)
         _check_int("steps_per_block", self.steps_per_block, 1)
+        _check_int("draft_steps", self.draft_steps, 1, optional=False)
         _check_fraction("confidence_threshold", self.confidence_threshold, closed_low=True)
         _check_int("mask_token_id", self.mask_token_id, 0)
         if self.unmasking not in UNMASKING_RULES:

@@ -56,13 +56,18 @@ def filter_logits(logits: torch.Tensor, sampling) -> torch.Tensor:
     return logits
 
 
+def token_probs(logits: torch.Tensor, sampling) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: logits [..., v] scaled by the temperature,
+    filtered, normalised."""
+    return filter_logits(logits.float() / sampling.temperature, sampling).softmax(-1)
+
+
 def sample_next(logits: torch.Tensor, sampling) -> torch.Tensor:
-    """Next token per row from logits [b, v]: argmax when greedy, else drawn from the filtered,
-    temperature-scaled distribution with `sampling.generator`."""
+    """Next token per row from logits [b, v]: argmax when greedy, else drawn from `token_probs`
+    with `sampling.generator`."""
     if sampling.greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / sampling.temperature, sampling).softmax(-1)
-    return torch.multinomial(probs, 1, generator=sampling.generator)[:, 0]
+    return torch.multinomial(token_probs(logits, sampling), 1, generator=sampling.generator)[:, 0]
 
 
 def predict(logits: torch.Tensor, mask_token_id: int, sampling):
@@ -81,6 +86,17 @@ def predict(logits: torch.Tensor, mask_token_id: int, sampling):
 
 
 # ---------------------------------------------------------------------------- unmasking rules
+
+@dataclass
+class DenoiseStep:
+    """What `step_callback` sees after every denoising step."""
+
+    block: int  # block index within this generate call (the round, in speculative decoding)
+    step: int  # step within the block
+    tokens: torch.Tensor  # [b, L] the block now (mask_token_id where still masked)
+    committed: torch.Tensor  # [b, L] bool, positions committed at this step
+    rows: torch.Tensor  # [b] which rows of the original batch these are
+
 
 def block_time(masked: torch.Tensor) -> torch.Tensor:
     """t for each row: the fraction of the block still masked. masked [b, L] bool -> [b] float32.

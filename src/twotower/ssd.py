@@ -92,6 +92,32 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, states: str
 
 
 @without_autocast
+def ssd_state_after(x, dt, A, B, lengths: torch.Tensor, initial_state=None):
+    """The state after the first `lengths[r]` steps of row r (0 <= lengths <= l), from one pass.
+
+        S_a = exp(sum_{j<a} dt_j A) S_0 + sum_{j<a} exp(sum_{j<i<a} dt_i A) dt_j x_j (outer) B_j
+
+    Steps at or after a row's length get dt = 0 (no input, no decay), so this is the final-state
+    part of the scan over the kept steps: one [p, l] x [l, n] product per head and no outputs.
+    Decoding uses it to roll a state back to a prefix of a chunk it has run. Returns [b, h, p, n]
+    float32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    keep = torch.arange(l, device=x.device) < lengths.to(x.device)[:, None]  # [b, l]
+    dt = dt.float() * keep[..., None]
+    dA = dt * A.float()  # [b, l, h]
+    total = dA.sum(1)  # [b, h]
+    weight = _decay_(total[:, None] - torch.cumsum(dA, 1)) * dt  # [b, l, h]: decay from step j to the end, times dt_j
+    added = torch.einsum("blgr,blgrp,blgn->bgrpn", weight.view(b, l, g, -1), x.float().view(b, l, g, -1, p),
+                         B.float())
+    state = added.reshape(b, h, p, n)
+    if initial_state is not None:
+        state = torch.addcmul(state, initial_state.float(), _decay_(total)[..., None, None])
+    return state
+
+
+@without_autocast
 def ssd_step(state, x, dt, A, B, C):
     """One recurrence step. state [b, h, p, n]; x [b, h, p]; dt [b, h]; B, C [b, g, n].
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
-from .cache import HybridCache
+from .cache import HybridCache, kept_columns
 from .config import NemotronHConfig
 from .generation import (GenerationStats, decode_ar, finish_generation, refuse_step_callback, start_run,
                          streamed_part, transformers_generate)
@@ -36,7 +36,8 @@ from .modeling import LMInputs, NemotronHForCausalLM, NemotronHModel, NemotronHP
 from .modes import Mode, get_mode, register_mode, run_mode
 from .objectives import masked_diffusion_output
 from .params import DIFFUSION_CONFIG_FIELDS, DiffusionParams, GenerateOptions, SamplingParams, split_settings
-from .sampler import sample_block
+from .sampler import DenoiseStep, sample_block
+from .speculative import generate_speculative
 from .time_conditioning import TimestepEmbedder
 
 
@@ -63,17 +64,6 @@ AUTO_MAP = {
     "AutoConfig": f"{CONFIG_MODULE}.TwoTowerConfig",
     "AutoModelForCausalLM": f"{MODELING_MODULE}.TwoTowerForCausalLM",
 }
-
-
-@dataclass
-class DenoiseStep:
-    """What `step_callback` sees after every denoising step."""
-
-    block: int  # block index within this generate call
-    step: int  # step within the block
-    tokens: torch.Tensor  # [b, L] the block now (mask_token_id where still masked)
-    committed: torch.Tensor  # [b, L] bool, positions committed at this step
-    rows: torch.Tensor  # [b] which rows of the original batch these are
 
 
 class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
@@ -331,6 +321,20 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
                 break
         return finish_generation(input_ids, out[:, :max_new_tokens], run)
 
+    def generate_speculative(self, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
+                             attention_mask: torch.Tensor | None = None, sampling: SamplingParams | None = None,
+                             diffusion: DiffusionParams | None = None, options: GenerateOptions | None = None,
+                             **kwargs):
+        """Lossless draft-and-verify decoding: each round the denoiser drafts a block of
+        `block_size` in `draft_steps` steps and the context tower checks it in one forward; the
+        agreeing prefix and one AR token are committed (see `twotower.speculative`). Greedy, the
+        tokens are `generate_ar`'s; sampled, their distribution is. Settings as for
+        `generate_mask_diffusion` (steps_per_block unused); the streamer gets the rows' tokens in
+        lockstep, the step callback every draft step, and the statistics the drafted and
+        accepted tokens of every row and round."""
+        return generate_speculative(self, input_ids, max_new_tokens, attention_mask=attention_mask,
+                                    sampling=sampling, diffusion=diffusion, options=options, **kwargs)
+
     @torch.no_grad()
     def generate_mock_ar(self, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
                          attention_mask: torch.Tensor | None = None, sampling: SamplingParams | None = None,
@@ -430,6 +434,14 @@ class _Rows:
         if self.mask is not None:
             self.mask = torch.cat([self.mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
 
+    def keep_prefixes(self, block: torch.Tensor, kept: torch.Tensor, pad_token_id: int) -> None:
+        """Append the first kept[r] tokens of block [b, L] to row r, laid out as
+        `HybridCache.keep_prefixes` lays out the context cache (rows right-aligned)."""
+        column, real = kept_columns(self.mask, self.seq.shape[1], kept)
+        seq = torch.cat([self.seq, block], dim=1)
+        self.seq = seq.gather(1, column.clamp(min=0)).masked_fill(~real, pad_token_id)
+        self.mask = None if bool(real.all()) else real
+
     def select(self, keep: torch.Tensor) -> "_Rows":
         keep = keep.cpu()
         if bool(keep.all()):
@@ -449,3 +461,6 @@ register_mode(Mode("mock-ar", TwoTowerForCausalLM.generate_mock_ar, False,
                    "the denoiser predicts one next token at a time"))
 register_mode(Mode("diffusion", TwoTowerForCausalLM.generate_mask_diffusion, True,
                    "block-wise mask diffusion: the denoiser fills a block in a few steps"))
+register_mode(Mode("speculative", TwoTowerForCausalLM.generate_speculative, True,
+                   "the denoiser drafts a block, the context tower verifies it: exactly AR's output",
+                   swept="draft_steps"))

@@ -55,8 +55,9 @@ class Job:
     def _emit(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
-    def take(self, tokens: list[int], stats: GenerationStats) -> None:
-        """New tokens for this row: pass on their text, finish at EOS, a stop string or max_tokens."""
+    def take(self, tokens: list[int], stats: GenerationStats, row: int) -> None:
+        """New tokens for this row (`row` of the batch): pass on their text, finish at EOS, a stop
+        string or max_tokens."""
         if self.done:
             return
         tokens, hit_eos = through_eos(tokens[:self.sampling.max_tokens - self.completion_tokens], self.eos_id)
@@ -66,7 +67,7 @@ class Job:
         if stopped or hit_eos or at_limit:
             self.finished = True
             self._emit("done", delta, "stop" if stopped or hit_eos else "length",
-                       usage(len(self.prompt_ids), self.completion_tokens, stats))
+                       usage(len(self.prompt_ids), self.completion_tokens, stats, row))
         else:
             self._emit("delta", delta)
 
@@ -215,7 +216,7 @@ class Engine:
         self.stats["rows"] += len(jobs)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         stats = GenerationStats()
-        streamer = RowStreamer(len(jobs), lambda row, tokens: jobs[row].take(tokens, stats),
+        streamer = RowStreamer(len(jobs), lambda row, tokens: jobs[row].take(tokens, stats, row),
                                lambda row: jobs[row].done, self.eos_id)
 
         def show_steps(step):  # diffusion's step_callback, for the rows that asked to see steps

@@ -114,6 +114,7 @@ class _Request(BaseModel):
     mode: str | None = None  # a name in MODES, checked when the request is read (modes may be registered late)
     block_size: int | None = Field(None, ge=1, le=256)
     steps_per_block: int | None = Field(None, ge=1, le=1024)
+    draft_steps: int | None = Field(None, ge=1, le=256)  # speculative decoding's draft steps
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
     unmasking: str | None = None  # a name in sampler.UNMASKING_RULES
     stream_steps: bool | None = None  # also stream every denoising step ("twotower.step" chunks)
@@ -251,7 +252,8 @@ def sampling_of(req: _Request, config: ServeConfig, model_defaults: dict, max_to
         if get_mode(mode).uses_diffusion:
             block = min(req.block_size or model_defaults["block_size"], max_tokens)
             diffusion = DiffusionParams(block, req.steps_per_block or min(model_defaults["steps_per_block"], block),
-                                        req.confidence_threshold, unmasking=req.unmasking or "confidence")
+                                        req.confidence_threshold, unmasking=req.unmasking or "confidence",
+                                        draft_steps=req.draft_steps or 1)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     return Sampling(mode, max_tokens, sampling, diffusion, stop + extra_stop)
@@ -305,15 +307,22 @@ def check_prompt_ids(ids: list[int], max_tokens: int, vocab_size: int, mask_id: 
 # ---------------------------------------------------------------------------------- responses
 
 
-def usage(prompt_tokens: int, completion_tokens: int, stats: GenerationStats) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, stats: GenerationStats, row: int | None = None) -> dict:
     """OpenAI's usage plus every counter of the batch's `GenerationStats` when the row finished (the
-    forwards it took part in) and the tokens each denoiser forward gave this row (None: no denoiser)."""
+    forwards it took part in) and the tokens each denoiser forward gave this row (None: no denoiser);
+    in speculative decoding also the row's (its index in the batch) drafted and accepted tokens and
+    the tokens per draft-and-verify round."""
     counters = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)
                 if f.type in ("int", int) and f.name != "generated_tokens"}
     forwards = counters.get("denoiser_forwards", 0)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, **counters,
-            "tokens_per_denoiser_forward": completion_tokens / forwards if forwards else None}
+    result = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+              "total_tokens": prompt_tokens + completion_tokens, **counters,
+              "tokens_per_denoiser_forward": completion_tokens / forwards if forwards else None}
+    if row is not None and stats.speculation:
+        rounds = stats.speculation[row]
+        result.update(drafted_tokens=rounds.drafted, accepted_tokens=rounds.accepted,
+                      tokens_per_round=rounds.tokens_per_round if rounds.rounds else None)
+    return result
 
 
 def response_head(chat: bool, model_name: str, request_id: str, created: int) -> dict:

@@ -163,7 +163,7 @@ def ar_distribution(model, prompt: list[int], n: int, sampling: SamplingParams) 
     for _ in range(n):
         prefixes = list(paths)
         with torch.no_grad():
-            logits = model(torch.tensor([prompt + list(p) for p in prefixes]))[:, -1]
+            logits = model(torch.tensor([prompt + list(p) for p in prefixes])).logits[:, -1]
         probs = token_probs(logits, sampling)
         paths = {p + (t,): paths[p] * float(probs[i, t]) for i, p in enumerate(prefixes)
                  for t in probs[i].nonzero()[:, 0].tolist()}

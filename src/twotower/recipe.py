@@ -63,7 +63,8 @@ class Recipe:
     distill_prompt_tokens: int = 16  # a multiple of the block size: blocks start where the prompt ends
     distill_continuation_tokens: int = 64
     distill_task_fraction: float = 0.25
-    distill_stages: tuple = ((1200, 3e-4),)  # (steps, peak learning rate) per pass over the rows; a second pass is measured in the README
+    # (steps, peak learning rate) per pass over the rows; the README measures a second pass
+    distill_stages: tuple = ((1200, 3e-4),)
     certainty_weight: float = 0.0  # measured: 0.5 commits more per forward but keeps less quality (README)
     seed: int = 0
 

@@ -7,8 +7,8 @@
     diffusion  both towers from the backbone, masked-diffusion training with the context frozen,
                one stage per block size (the release trained at 32, then 16) -> OUT/diffusion-S*/model
     distill-data  corpus and task prompts continued greedily by the AR tower -> OUT/distill-data/shards
-    distill    masked diffusion on those rows, prompts never masked, with certainty forcing
-               -> OUT/distill/model (see `twotower.distill`)
+    distill    masked diffusion on those rows, prompts never masked, optionally with certainty
+               forcing, one stage per pass (`distill_stages`) -> OUT/distill*/model (see `twotower.distill`)
     export     bfloat16 model + tokenizer + model card with measured quality -> OUT/model
 
 Each stage writes `done.json` when finished and is skipped on a rerun; training stages resume from
@@ -63,8 +63,8 @@ class Recipe:
     distill_prompt_tokens: int = 16  # a multiple of the block size: blocks start where the prompt ends
     distill_continuation_tokens: int = 64
     distill_task_fraction: float = 0.25
-    distill_steps: int = 1200
-    distill_lr: float = 3e-4
+    # (steps, peak learning rate) per pass over the rows; the README measures a second pass
+    distill_stages: tuple = ((1200, 3e-4),)
     certainty_weight: float = 0.0  # measured: 0.5 commits more per forward but keeps less quality (README)
     seed: int = 0
 
@@ -87,7 +87,7 @@ RECIPES = {
                    moe_intermediate_size=16, moe_shared_expert_intermediate_size=32),
         vocab_size=300, seq_len=32, batch_size=4, ar_steps=6, diffusion_stages=((8, 3), (4, 3)),
         train_tasks=50, heldout_tasks=4, story_prompts=2, eval_new_tokens=8,
-        distill_rows=8, distill_prompt_tokens=4, distill_continuation_tokens=8, distill_steps=3,
+        distill_rows=8, distill_prompt_tokens=4, distill_continuation_tokens=8, distill_stages=((3, 3e-4),),
     ),
 }
 
@@ -224,15 +224,20 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
             distillation_prompts(out / "corpus" / "corpus", tokenizer, r.distill_rows, r.distill_prompt_tokens,
                                  r.distill_task_fraction, r.seed),
             f / "shards", r.distill_continuation_tokens, batch_size=128, seed=r.seed))
-        _stage(out, "distill", lambda f: distill_stage(teacher, out / "distill-data" / "shards", f, r))
-        previous = "distill"
+        for i, (steps, lr) in enumerate(r.distill_stages):
+            stage = "distill" if i == 0 else f"distill-{i + 1}"
+            _stage(out, stage, lambda f, i=i, steps=steps, lr=lr, start=out / previous / "model": distill_stage(
+                start, out / "distill-data" / "shards", f, r, steps, lr, i))
+            previous = stage
     return _stage(out, "export", lambda f: export(out / previous / "model", out, f, r, corpus))
 
 
-def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe) -> dict:
-    """Masked diffusion on distillation rows (float32 weights, bfloat16 autocast): prompt positions
-    never masked or scored, certainty forcing at `r.certainty_weight`."""
-    torch.manual_seed(r.seed)
+def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, steps: int, lr: float, index: int) -> dict:
+    """Pass `index` of masked diffusion on distillation rows (float32 weights, bfloat16 autocast):
+    prompt positions never masked or scored, certainty forcing at `r.certainty_weight`. Later passes
+    start from a trained model: no warmup, and a new row order (seed + index)."""
+    seed = r.seed + index
+    torch.manual_seed(seed)
     model = to_dtype(TwoTowerForCausalLM.from_pretrained(model_dir), torch.float32)
     meta, block = read_meta(shards), model.config.block_size
     if meta.get("prompt_tokens", 0) % block:
@@ -243,8 +248,8 @@ def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe) -> dic
         return diffusion_loss(m, batch, block, loss_mask=prompt_loss_mask(batch, meta["prompt_tokens"]),
                               certainty_weight=r.certainty_weight)
 
-    return _train(model, loss_fn, folder, _batches(shards, meta["row_tokens"], r.batch_size, r.seed),
-                  r.distill_steps, r.distill_lr, r.seed, autocast_bf16=True)
+    return _train(model, loss_fn, folder, _batches(shards, meta["row_tokens"], r.batch_size, seed), steps, lr,
+                  seed, autocast_bf16=True, warmup_frac=0.02 if index == 0 else 0.0, eval_every=600, log_every=20)
 
 
 # ---------------------------------------------------------------- export and model card
@@ -299,7 +304,8 @@ def model_card(r: Recipe, params: int, corpus: dict, numbers: dict) -> str:
     distilled = "" if not r.distill_rows else (
         f"; then distillation from the AR tower: {r.distill_rows} prompts of {r.distill_prompt_tokens} tokens "
         f"({r.distill_task_fraction:.0%} exact-answer tasks) continued greedily by the AR tower for "
-        f"{r.distill_continuation_tokens} tokens, and {r.distill_steps} steps of masked diffusion on those rows "
+        f"{r.distill_continuation_tokens} tokens, and masked diffusion on those rows for "
+        f"{' + '.join(f'{n} steps (peak lr {lr:g})' for n, lr in r.distill_stages)} "
         f"(batch {r.batch_size}, bfloat16 autocast, prompts never masked, certainty forcing at weight "
         f"{r.certainty_weight:g})")
     return f"""# twotower default model

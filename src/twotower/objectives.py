@@ -101,6 +101,21 @@ def context_block_states(model, clean: torch.Tensor, block_size: int):
     return states
 
 
+def mamba_by_blocks(layer, h: torch.Tensor, state, modulation, block_size: int) -> torch.Tensor:
+    """A denoiser Mamba block over h [b, n, d] one block of `block_size` at a time, every block
+    starting from its own entering state (conv, ssm) [b, blocks, ...] (None: zeros): the blocks
+    run as a batch of b * blocks sequences."""
+    b, n, d = h.shape
+    blocks = -(-n // block_size)
+    pad = blocks * block_size - n
+    per_block = (F.pad(h, (0, 0, 0, pad)) if pad else h).reshape(b * blocks, block_size, d)
+    if modulation is not None and blocks > 1:
+        modulation = [m.repeat_interleave(blocks, dim=0) for m in modulation]
+    start = None if state is None else tuple(s.flatten(0, 1) for s in state)
+    out, _ = layer(per_block, start, modulation=modulation, keep_state=False)
+    return out.reshape(b, blocks * block_size, d)[:, :n]
+
+
 def block_causal_mask(n: int, block_size: int, device=None) -> torch.Tensor:
     """[1, 1, n, 2n] bool over keys [context ; denoiser]: a query in block N sees context blocks
     0..N-1 and every denoiser position of block N."""

@@ -18,15 +18,13 @@ import importlib
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
-from .cache import HybridCache, kept_columns
+from .cache import HybridCache
 from .config import NemotronHConfig
 from .generation import (GenerationStats, decode_ar, finish_generation, refuse_step_callback, start_run,
                          streamed_part, transformers_generate)
@@ -34,8 +32,9 @@ from .hub import to_dtype
 from .linear import Linear
 from .modeling import LMInputs, NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel, causal_lm_forward
 from .modes import Mode, get_mode, register_mode, run_mode
-from .objectives import masked_diffusion_output
+from .objectives import mamba_by_blocks, masked_diffusion_output
 from .params import DIFFUSION_CONFIG_FIELDS, DiffusionParams, GenerateOptions, SamplingParams, split_settings
+from .rows import GenerationRows
 from .sampler import DenoiseStep, sample_block
 from .speculative import generate_speculative
 from .time_conditioning import TimestepEmbedder
@@ -249,7 +248,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ generation
 
-    def _context_for(self, rows: "_Rows", upto: int, use_cache: bool, stats: GenerationStats):
+    def _context_for(self, rows: "GenerationRows", upto: int, use_cache: bool, stats: GenerationStats):
         """The context tower's cache over rows.seq[:, :upto] and the hidden states of the positions it
         just added. Cached: only positions not yet in `rows.context` are run. Reference
         (use_cache=False): a fresh cache over the whole prefix, every time."""
@@ -266,7 +265,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
 
     def _begin(self, input_ids, attention_mask, max_new_tokens, sampling, options, forbidden_id=None):
         run = start_run(self.config, input_ids, attention_mask, max_new_tokens, sampling, options, forbidden_id)
-        return _Rows(input_ids.cpu(), None if attention_mask is None else attention_mask.cpu().bool()), run
+        return GenerationRows(input_ids.cpu(), None if attention_mask is None else attention_mask.cpu().bool()), run
 
     @torch.no_grad()
     def generate_mask_diffusion(self, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
@@ -398,56 +397,6 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
             return next_logits(rows)
 
         return finish_generation(input_ids, decode_ar(step, rows, next_logits(rows), max_new_tokens, run), run)
-
-
-def mamba_by_blocks(layer, h: torch.Tensor, state, modulation, block_size: int) -> torch.Tensor:
-    """A denoiser Mamba block over h [b, n, d] one block of `block_size` at a time, every block
-    starting from its own entering state (conv, ssm) [b, blocks, ...] (None: zeros): the blocks
-    run as a batch of b * blocks sequences."""
-    b, n, d = h.shape
-    blocks = -(-n // block_size)
-    pad = blocks * block_size - n
-    per_block = (F.pad(h, (0, 0, 0, pad)) if pad else h).reshape(b * blocks, block_size, d)
-    if modulation is not None and blocks > 1:
-        modulation = [m.repeat_interleave(blocks, dim=0) for m in modulation]
-    start = None if state is None else tuple(s.flatten(0, 1) for s in state)
-    out, _ = layer(per_block, start, modulation=modulation, keep_state=False)
-    return out.reshape(b, blocks * block_size, d)[:, :n]
-
-
-@dataclass
-class _Rows:
-    """The rows still generating: their tokens so far (prompt + committed), padding mask, their
-    index in the original batch, and the context tower's cache (None until first used)."""
-
-    seq: torch.Tensor  # [b, n] on CPU
-    mask: torch.Tensor | None  # [b, n] bool, False at left padding
-    index: torch.Tensor = None  # [b]
-    context: HybridCache | None = None
-
-    def __post_init__(self):
-        if self.index is None:
-            self.index = torch.arange(self.seq.shape[0])
-
-    def append(self, tokens: torch.Tensor) -> None:
-        self.seq = torch.cat([self.seq, tokens], dim=1)
-        if self.mask is not None:
-            self.mask = torch.cat([self.mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
-
-    def keep_prefixes(self, block: torch.Tensor, kept: torch.Tensor, pad_token_id: int) -> None:
-        """Append the first kept[r] tokens of block [b, L] to row r, laid out as
-        `HybridCache.keep_prefixes` lays out the context cache (rows right-aligned)."""
-        column, real = kept_columns(self.mask, self.seq.shape[1], kept)
-        seq = torch.cat([self.seq, block], dim=1)
-        self.seq = seq.gather(1, column.clamp(min=0)).masked_fill(~real, pad_token_id)
-        self.mask = None if bool(real.all()) else real
-
-    def select(self, keep: torch.Tensor) -> "_Rows":
-        keep = keep.cpu()
-        if bool(keep.all()):
-            return self
-        context = None if self.context is None else self.context.select(keep)
-        return _Rows(self.seq[keep], None if self.mask is None else self.mask[keep], self.index[keep], context)
 
 
 # `AutoModelForCausalLM.from_config(TwoTowerConfig(...))` and `.from_pretrained(folder,

@@ -112,8 +112,8 @@ def test_prompt_positions_are_never_masked_nor_scored(model):
         logits = model.denoise_block(noisy[:, 8:], t, context)
     expected = sum(-F.log_softmax(logits[b, j], -1)[ids[b, 8 + j]] for b in range(3) for j in range(8))
     assert int(count) == 24 and abs(total.item() - expected.item()) <= 1e-4
-    # drawn by the loss itself (no noise given), the prompt is still never masked: changing the
-    # prompt's tokens at the masked positions' logits is all it can do, never a term of its own
+    # noise drawn by the loss itself (none given) follows the loss mask too: as many targets as masked
+    # continuation positions
     g = torch.Generator().manual_seed(2)
     _, n = diffusion_loss(model, ids, 8, generator=g, loss_mask=loss_mask)
     assert int(n) == int(corrupt(ids, 3, torch.Generator().manual_seed(2), loss_mask=loss_mask)[1].sum())

@@ -93,14 +93,15 @@ def run(args) -> int:
         cfg = TrainConfig.from_dict(values)
         seq_len = args.seq_len + (1 if args.objective == "ar" else 0)  # AR: one more for the shifted targets
         meta = read_meta(args.data)
+        prompt_tokens = 0
         if meta.get("kind") == DISTILLATION:
             if args.objective != "diffusion":
                 raise ValueError(f"{args.data} holds distillation rows, which train the diffusion objective")
-            seq_len = meta["row_tokens"]  # whole rows: a prompt, then its continuation
+            seq_len, prompt_tokens = meta["row_tokens"], meta["prompt_tokens"]  # whole rows: prompt, continuation
         data = TokenBatches(args.data, "train", seq_len, args.batch_size, seed=cfg.seed)
         held = TokenBatches(args.data, "heldout", seq_len, args.batch_size, seed=cfg.seed)
         torch.manual_seed(cfg.seed)  # fresh weights equal on every rank: FSDP2 shards each rank's own copy
-        model, loss_fn = build(args, meta.get("prompt_tokens", 0) if meta.get("kind") == DISTILLATION else 0)
+        model, loss_fn = build(args, prompt_tokens)
         to_dtype(model, torch.float32)  # float32 master weights (a shipped folder is bfloat16); autocast is a setting
         top = int(data.tokens.max())
         if top >= model.config.vocab_size:

@@ -4,6 +4,7 @@ warned about, convert's errors, the file modes of written weights, the license."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -119,3 +120,77 @@ def test_subcommand_help_exits_cleanly(flag, capsys):
     with pytest.raises(SystemExit) as e:
         main(["convert", flag])
     assert e.value.code == 0 and "--to" in capsys.readouterr().out
+
+
+# every way of asking for help, each run in a fresh interpreter: what it printed, its exit status and
+# which heavy libraries it loaded
+HELP_PROBE = '''
+import contextlib, io, json, sys
+from twotower.cli import main
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as e:
+        code = e.code
+heavy = [m for m in ("torch", "transformers", "fastapi", "pydantic") if m in sys.modules]
+print(json.dumps({"code": code, "out": buf.getvalue(), "heavy": heavy}))
+'''
+
+
+def probe_help(*args) -> dict:
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_help_and_version_load_no_torch():
+    from twotower.cli import COMMANDS
+    top = probe_help("--help")
+    assert top["code"] == 0 and top["heavy"] == [], top
+    assert all(name in top["out"] for name in COMMANDS)
+    version = probe_help("--version")
+    assert version["code"] == 0 and version["out"].startswith("twotower ") and version["heavy"] == [], version
+    for name in COMMANDS:
+        result = probe_help(name, "--help")
+        assert result["code"] == 0 and result["heavy"] == [], (name, result)
+        assert result["out"].startswith(f"usage: twotower {name}") and COMMANDS[name][1] in result["out"]
+
+
+def test_help_offers_every_mode_and_unmasking_rule(capsys):
+    import twotower.two_tower  # noqa: F401  (registers the built-in modes)
+    from twotower.choices import MODE_NAMES, UNMASKING_RULE_NAMES
+    from twotower.modes import MODES
+    from twotower.sampler import UNMASKING_RULES
+    assert MODE_NAMES == tuple(MODES) and UNMASKING_RULE_NAMES == tuple(UNMASKING_RULES)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "{" + ",".join(MODES) + "}" in out and "{" + ",".join(UNMASKING_RULES) + "}" in out
+
+
+def test_command_line_fields_are_the_library_s():
+    from twotower.choices import DIFFUSION_CONFIG_FIELDS, WEIGHT_DTYPES
+    from twotower.params import DiffusionParams
+    assert all(isinstance(getattr(torch, name), torch.dtype) for name in WEIGHT_DTYPES)
+    types = {f.name: f.type for f in dataclasses.fields(DiffusionParams)}  # "int | None", as written
+    assert all(types[name] == f"{kind.__name__} | None" for name, kind in DIFFUSION_CONFIG_FIELDS.items())
+
+
+def test_the_package_imports_its_names_on_first_use():
+    probe = """
+import sys
+import twotower
+light = "torch" not in sys.modules
+tasks = twotower.tasks.__name__  # a submodule, found on first use
+names = {}
+exec("from twotower import *", names)
+print(light, tasks, sorted(set(names) - {"__builtins__"}) == sorted(twotower.__all__),
+      twotower.TwoTowerForCausalLM.__module__, set(twotower.__all__) <= set(dir(twotower)),
+      hasattr(twotower, "no_such_name"))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "twotower.tasks", "True", "twotower.two_tower", "True", "False"]

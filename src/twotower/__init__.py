@@ -1,29 +1,29 @@
-"""twotower: Nemotron-Labs-TwoTower, a block-wise autoregressive diffusion LM, in plain PyTorch."""
+"""twotower: Nemotron-Labs-TwoTower, a block-wise autoregressive diffusion LM, in plain PyTorch.
 
-from .cache import HybridCache
-from .config import NemotronHConfig, nemotron_3_nano_30b_config
-from .default import load_default, load_model
-from .generation import GenerateOutput, GenerationStats, generate_ar
-from .modeling import NemotronHForCausalLM, NemotronHModel
-from .modes import MODES
-from .params import DiffusionParams, GenerateOptions, SamplingParams
-from .two_tower import TwoTowerConfig, TwoTowerForCausalLM
+The names below are imported on first use (`lazy_imports.py`): `twotower.TwoTowerForCausalLM` and
+`from twotower import *` give what an eager import would, and `import twotower` alone loads no torch.
+"""
 
-__all__ = [
-    "HybridCache",
-    "NemotronHConfig",
-    "nemotron_3_nano_30b_config",
-    "load_default",
-    "load_model",
-    "GenerateOutput",
-    "GenerationStats",
-    "generate_ar",
-    "MODES",
-    "SamplingParams",
-    "DiffusionParams",
-    "GenerateOptions",
-    "NemotronHForCausalLM",
-    "NemotronHModel",
-    "TwoTowerConfig",
-    "TwoTowerForCausalLM",
-]
+from .lazy_imports import lazy_attributes
+
+# public name -> the submodule that defines it
+_SOURCES = {
+    "HybridCache": "cache",
+    "NemotronHConfig": "config",
+    "nemotron_3_nano_30b_config": "config",
+    "load_default": "default",
+    "load_model": "default",
+    "GenerateOutput": "generation",
+    "GenerationStats": "generation",
+    "generate_ar": "generation",
+    "MODES": "modes",
+    "SamplingParams": "params",
+    "DiffusionParams": "params",
+    "GenerateOptions": "params",
+    "NemotronHForCausalLM": "modeling",
+    "NemotronHModel": "modeling",
+    "TwoTowerConfig": "two_tower",
+    "TwoTowerForCausalLM": "two_tower",
+}
+__all__ = list(_SOURCES)
+__getattr__, __dir__ = lazy_attributes(globals(), _SOURCES)

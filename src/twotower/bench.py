@@ -33,9 +33,9 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from .evaluate import run_generation, story_quality, task_accuracy
-from .modes import MODES, get_mode
 from .tasks import Task, make_tasks
+
+# the model code (torch) is imported where it is used, so that `twotower bench --help` needs none of it
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 BLOCK_SIZES = (4, 8, 16, 32)
@@ -69,6 +69,8 @@ class Setting(NamedTuple):
     draft_steps: int | None = None
 
     def kwargs(self) -> dict:
+        from .modes import get_mode
+
         if not get_mode(self.mode).uses_diffusion:
             return {}
         chosen = dict(confidence_threshold=self.confidence_threshold, draft_steps=self.draft_steps)
@@ -76,6 +78,8 @@ class Setting(NamedTuple):
                     **{k: v for k, v in chosen.items() if v is not None})
 
     def label(self) -> str:
+        from .modes import get_mode
+
         if not get_mode(self.mode).uses_diffusion:
             return self.mode
         swept = f"t={self.confidence_threshold}" if self.draft_steps is None else f"steps={self.draft_steps}"
@@ -85,6 +89,8 @@ class Setting(NamedTuple):
 def sweep(thresholds=THRESHOLDS, block_sizes=BLOCK_SIZES, draft_steps=DRAFT_STEPS) -> list[Setting]:
     """Every mode of `MODES`: AR (the reference), mock-AR, and at every block size diffusion at
     every threshold and speculative decoding at every number of draft steps."""
+    from .modes import MODES
+
     values = {"confidence_threshold": [float(t) for t in thresholds], "draft_steps": [int(d) for d in draft_steps]}
     plain = [Setting(name) for name, mode in MODES.items() if not mode.uses_diffusion]
     return plain + [Setting(name, int(b), **{mode.swept: v}) for name, mode in MODES.items() if mode.uses_diffusion
@@ -119,6 +125,8 @@ def load_prompts(model_dir: Path, prompts_file: str | Path | None = None) -> tup
 
 def _warm_up(model, tokenizer, prompt: str, settings: list[Setting]) -> None:
     """One short untimed generation per mode, so one-time start-up costs land on no setting."""
+    from .evaluate import run_generation
+
     for s in {s.mode: s for s in settings}.values():
         run_generation(model, tokenizer, [prompt], s.mode, s.block_size or 2, **s.kwargs())
 
@@ -129,6 +137,8 @@ def run_bench(model, tokenizer, stories: list[str], tasks: list[Task], settings:
 
     Returns (rows: one dict of measurements per setting, outputs: {setting: generated token ids
     per prompt, stories first, then tasks})."""
+    from .evaluate import run_generation
+
     if Setting("ar") not in settings:
         raise ValueError("the sweep needs the AR setting: it is the reference for speed-up and quality")
     if not stories and not tasks:
@@ -163,6 +173,8 @@ def run_bench(model, tokenizer, stories: list[str], tasks: list[Task], settings:
 
 
 def _measurements(model, tokenizer, s: Setting, stories, tasks, out: dict, t: dict, latencies: list) -> dict:
+    from .evaluate import story_quality, task_accuracy
+
     n = t["generated_tokens"]
     by_kind = {}
     for kind in sorted({task.kind for task in tasks}):

@@ -1,5 +1,7 @@
 """The `twotower` command line. Each subcommand lives in its own module, which provides
-`add_arguments(parser)` and `run(args) -> int`; modules are imported only when used."""
+`add_arguments(parser)` and `run(args) -> int`; modules are imported only when used. A command's
+module imports torch (and the model code) only in `run`, so that `--help` and `--version` are
+instant (tests/test_cli.py checks that neither loads torch)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ INTERRUPTED = 130  # the shell's exit status for a process ended by Ctrl-C (128 
 COMMANDS = {
     # name: (module, one-line help)
     "generate": ("twotower.generate_cli", "generate text in diffusion, mock-AR or AR mode"),
-    "convert": ("twotower.convert", "convert between single-tower NemotronH and two-tower checkpoints"),
+    "convert": ("twotower.convert_cli", "convert between single-tower NemotronH and two-tower checkpoints"),
     "train": ("twotower.train_cli", "train a backbone (AR) or a two-tower model (masked diffusion)"),
-    "recipe": ("twotower.recipe", "train a small TwoTower model end to end (resumable)"),
+    "recipe": ("twotower.recipes", "train a small TwoTower model end to end (resumable)"),
     "serve": ("twotower.serve", "an OpenAI-compatible HTTP server with streaming and request batching"),
     "bench": ("twotower.bench", "measure quality versus speed of AR, mock-AR and mask diffusion"),
 }

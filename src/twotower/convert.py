@@ -9,7 +9,8 @@
   NemotronH AR model in the hub layout, with a config.json that transformers reads as its own
   `NemotronHForCausalLM` (no remote code needed).
 
-Tokenizer files are copied along. The router and A_log stay float32 whatever the dtype.
+Tokenizer files are copied along. The router and A_log stay float32 whatever the dtype. The
+command line is in `convert_cli.py`.
 """
 
 from __future__ import annotations
@@ -17,20 +18,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
+from .choices import WEIGHT_DTYPES
 from .export import check_empty, save_for_hub
 from .hub import DEFAULT_SHARD_BYTES
 from .modeling import NemotronHForCausalLM
-from .params import DIFFUSION_CONFIG_FIELDS
 from .two_tower import TwoTowerForCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}  # --dtype
 
 
 def copy_tokenizer(source: str | Path, target: str | Path) -> None:
@@ -75,18 +75,6 @@ def parse_size(text: str) -> int:
     return int(float(m[1]) * scale)
 
 
-def add_arguments(p) -> None:
-    p.add_argument("source", help="checkpoint folder to read")
-    p.add_argument("target", help="folder to write (must not hold a checkpoint yet)")
-    p.add_argument("--to", required=True, choices=("two-tower", "single-tower"),
-                   help="two-tower: from a NemotronH AR checkpoint; single-tower: the context tower of a two-tower one")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default: the source's)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    for name, kind in DIFFUSION_CONFIG_FIELDS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
-                       help="two-tower only (default: the release's)")
-
-
 def check_source(source: str | Path, to: str) -> None:
     """A ValueError that says what is wrong with the source folder for the direction asked."""
     source = Path(source)
@@ -101,22 +89,3 @@ def check_source(source: str | Path, to: str) -> None:
     if to == "single-tower" and not two_tower:
         raise ValueError(f"{source} is a single-tower NemotronH checkpoint, not a two-tower one; "
                          "--to two-tower builds a two-tower model from it")
-
-
-def run(args) -> int:
-    settings = {k: getattr(args, k) for k in DIFFUSION_CONFIG_FIELDS if getattr(args, k) is not None}
-    try:
-        if settings and args.to == "single-tower":
-            raise ValueError(f"{sorted(settings)} only apply with --to two-tower")
-        check_source(args.source, args.to)
-        dtype = DTYPES[args.dtype] if args.dtype else None
-        shard = parse_size(args.max_shard_size)
-        if args.to == "two-tower":
-            to_two_tower(args.source, args.target, dtype, shard, **settings)
-        else:
-            to_single_tower(args.source, args.target, dtype, shard)
-    except (OSError, ValueError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.target}")
-    return 0

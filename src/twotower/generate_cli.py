@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import sys
 
-import torch
+from .choices import MODE_NAMES, UNMASKING_RULE_NAMES
 
-from .modes import MODES
-from .sampler import UNMASKING_RULES
-from .tokenizer import IncrementalText
+# torch, transformers and the model code are imported when a command runs, not for its --help
 
 
 def add_arguments(p) -> None:
     p.add_argument("prompt", help="the text to continue")
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--mode", choices=tuple(MODES), default="diffusion")
+    p.add_argument("--mode", choices=MODE_NAMES, default="diffusion")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=None, help="default: the model's (16)")
     p.add_argument("--steps-per-block", type=int, default=None, help="default: the model's (16)")
     p.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the model's, 0.8)")
     p.add_argument("--draft-steps", type=int, default=1, help="denoising steps of a speculative draft (default: 1)")
-    p.add_argument("--unmasking", choices=tuple(UNMASKING_RULES), default="confidence",
+    p.add_argument("--unmasking", choices=UNMASKING_RULE_NAMES, default="confidence",
                    help="which predictions a denoising step commits: confidence (above --threshold) or fixed "
                         "(block size / steps per block each step, the most confident first)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -40,11 +38,13 @@ class TextStream:
     character whose bytes are split across tokens waits for its last token)."""
 
     def __init__(self, tokenizer, out=sys.stdout):
+        from .tokenizer import IncrementalText
+
         self.text = IncrementalText(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), ())
         self.out = out
         self.prompt_seen = False
 
-    def put(self, value: torch.Tensor) -> None:
+    def put(self, value) -> None:  # a tensor of token ids
         if not self.prompt_seen:  # the first put is the prompt
             self.prompt_seen = True
             return
@@ -69,7 +69,7 @@ def render_step(tokenizer, step, mask_token_id: int, bold: bool = True) -> str:
 
 def run(args) -> int:
     from .default import load_model
-    from .modes import run_mode
+    from .modes import MODES, run_mode
 
     try:
         model, tokenizer = load_model(args.model)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from .choices import DIFFUSION_CONFIG_FIELDS  # noqa: F401  (importable from here as before)
 from .sampler import UNMASKING_RULES
 
 MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy in all but name and logits / t can overflow
@@ -197,9 +198,6 @@ DESCRIPTIVE_GENERATION_FIELDS = ("_from_model_config", "transformers_version", "
 OFF_VALUES = {"num_beams": 1, "num_return_sequences": 1, "num_beam_groups": 1, "repetition_penalty": 1.0,
               "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "typical_p": 1.0, "guidance_scale": 1.0}
 DIFFUSION_FIELDS = tuple(f.name for f in dataclasses.fields(DiffusionParams))
-# the DiffusionParams fields a model's config holds (its defaults), with their types
-DIFFUSION_CONFIG_FIELDS = {"block_size": int, "steps_per_block": int, "confidence_threshold": float,
-                           "mask_token_id": int}
 
 
 def refused_generation_fields(config, model_config) -> list[str]:

@@ -17,7 +17,6 @@ their last checkpoint, so the recipe can be killed and restarted at any moment.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -34,62 +33,11 @@ from .hub import to_dtype
 from .modeling import NemotronHForCausalLM
 from .modes import MODES
 from .objectives import ar_loss, diffusion_loss, prompt_loss_mask
+from .recipes import RECIPES, Recipe
 from .tasks import make_tasks, task_text
 from .tokenizer import load_tokenizer, train_tokenizer
 from .trainer import Trainer, TrainConfig
 from .two_tower import TwoTowerForCausalLM
-
-
-@dataclasses.dataclass
-class Recipe:
-    model: dict  # NemotronHConfig fields (vocab_size is the tokenizer's)
-    vocab_size: int = 4096
-    seq_len: int = 256
-    batch_size: int = 16
-    ar_steps: int = 1600
-    ar_lr: float = 2e-3
-    diffusion_stages: tuple = ((32, 300), (16, 2000))  # (block size, steps)
-    diffusion_lr: float = 1e-3
-    train_tasks: int = 20000
-    heldout_tasks: int = 100
-    story_prompts: int = 40
-    # grown-up and long, old-fashioned books are left out: simple story text trains best at this size
-    exclude: tuple = ("austen.txt", "tinyshakespeare.txt", "forest.txt", "gulliver.txt", "coral.txt", "vice.txt",
-                      "wind.txt", "holiday.txt", "water.txt", "duke.txt")
-    heldout_stories_from: str = "tinystories_val_head.txt"
-    eval_new_tokens: int = 48
-    # distillation from the AR tower (`twotower.distill`); 0 rows: no distillation stages
-    distill_rows: int = 24000
-    distill_prompt_tokens: int = 16  # a multiple of the block size: blocks start where the prompt ends
-    distill_continuation_tokens: int = 64
-    distill_task_fraction: float = 0.25
-    # (steps, peak learning rate) per pass over the rows; the README measures a second pass
-    distill_stages: tuple = ((1200, 3e-4),)
-    certainty_weight: float = 0.0  # measured: 0.5 commits more per forward but keeps less quality (README)
-    seed: int = 0
-
-
-TINY_MODEL = dict(
-    hidden_size=256, hybrid_override_pattern="M*EM*EM*E",
-    num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-    mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=32, n_groups=2, chunk_size=64,
-    n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
-    moe_shared_expert_intermediate_size=256, routed_scaling_factor=2.5, time_step_min=0.001,
-)
-
-RECIPES = {
-    # ~11M parameters in all (two towers), about two hours on 2 CPU cores
-    "tiny": Recipe(model=TINY_MODEL),
-    # a seconds-long run of every stage, for tests
-    "smoke": Recipe(
-        model=dict(TINY_MODEL, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
-                   head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
-                   moe_intermediate_size=16, moe_shared_expert_intermediate_size=32),
-        vocab_size=300, seq_len=32, batch_size=4, ar_steps=6, diffusion_stages=((8, 3), (4, 3)),
-        train_tasks=50, heldout_tasks=4, story_prompts=2, eval_new_tokens=8,
-        distill_rows=8, distill_prompt_tokens=4, distill_continuation_tokens=8, distill_stages=((3, 3e-4),),
-    ),
-}
 
 
 # ---------------------------------------------------------------- corpus
@@ -335,18 +283,3 @@ held-out tasks. Diffusion at threshold 0.8, block 16, 16 steps per block; batch 
 |---|---|---|---|---|
 {rows}
 """
-
-
-# ---------------------------------------------------------------- command line
-
-def add_arguments(p) -> None:
-    p.add_argument("name", choices=sorted(RECIPES), help="which recipe")
-    p.add_argument("--data", required=True, help="folder (or file) of training text")
-    p.add_argument("--out", required=True, help="working folder; rerun with the same folder to resume")
-
-
-def run(args) -> int:
-    result = run_recipe(args.name, args.data, args.out)
-    print(json.dumps(result, indent=2))
-    print(f"[recipe] the model is in {Path(args.out) / 'model'}")
-    return 0

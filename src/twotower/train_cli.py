@@ -21,16 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from .config import NemotronHConfig
-from .data import TokenBatches
-from .hub import to_dtype
-from .modeling import NemotronHForCausalLM
-from .distill import DISTILLATION, read_meta
-from .objectives import ar_loss, diffusion_loss, prompt_loss_mask
-from .trainer import Trainer, TrainConfig, exit_distributed
-from .two_tower import TwoTowerForCausalLM
+# the training code (torch) is imported when the command runs, not for its --help
 
 
 def add_arguments(p) -> None:
@@ -53,6 +44,11 @@ def add_arguments(p) -> None:
 def build(args, prompt_tokens: int = 0):
     """(model, loss_fn) for the arguments; a clear ValueError for what does not fit. Diffusion rows
     whose first `prompt_tokens` positions are a prompt never mask or score them."""
+    from .config import NemotronHConfig
+    from .modeling import NemotronHForCausalLM
+    from .objectives import ar_loss, diffusion_loss, prompt_loss_mask
+    from .two_tower import TwoTowerForCausalLM
+
     if args.objective == "ar":
         if args.model:
             model = NemotronHForCausalLM.from_pretrained(args.model)
@@ -86,6 +82,13 @@ def build(args, prompt_tokens: int = 0):
 
 
 def run(args) -> int:
+    import torch
+
+    from .data import TokenBatches
+    from .distill import DISTILLATION, read_meta
+    from .hub import to_dtype
+    from .trainer import Trainer, TrainConfig, exit_distributed
+
     try:
         values = TrainConfig.from_file(args.config).__dict__ if args.config else {}
         overrides = {"max_steps": args.max_steps, "lr": args.lr, "seed": args.seed}

@@ -14,10 +14,11 @@ error body for every bad request. Beyond the OpenAI parameters a request may set
 `block_size`, `steps_per_block`, `confidence_threshold` and `top_k`.
 """
 
-from .app import create_app
-from .cli import add_arguments, background_server, run
-from .engine import Engine, Job
-from .protocol import APIError, Sampling, ServeConfig
+from ..lazy_imports import lazy_attributes
 
-__all__ = ["APIError", "Engine", "Job", "Sampling", "ServeConfig", "add_arguments", "background_server",
-           "create_app", "run"]
+# public name -> the submodule that defines it (imported on first use: `--help` needs no fastapi)
+_SOURCES = {"APIError": "protocol", "Engine": "engine", "Job": "engine", "Sampling": "protocol",
+            "ServeConfig": "config", "add_arguments": "cli", "background_server": "cli", "create_app": "app",
+            "run": "cli"}
+__all__ = list(_SOURCES)
+__getattr__, __dir__ = lazy_attributes(globals(), _SOURCES)

@@ -9,7 +9,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from .protocol import LOOPBACK_HOSTS, ServeConfig
+from .config import LOOPBACK_HOSTS, ServeConfig
 
 
 def read_timeout_protocol(seconds: float):

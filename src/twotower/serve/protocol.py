@@ -23,12 +23,12 @@ from ..generation import GenerationStats
 from ..modes import MODES, get_mode
 from ..params import MIN_TEMPERATURE, DiffusionParams, SamplingParams
 from ..sampler import UNMASKING_RULES
+from .config import LOOPBACK_HOSTS, ServeConfig  # noqa: F401  (importable from here as before)
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # a base model would otherwise go on to write the user's next turn
 MAX_STOP_CHARS = 64
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # an omitted temperature means what it means to OpenAI: sampling at 1
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _TYPE_NAME = re.compile(r"str|int|float|bool|list\[.*\]|_\w+")
 
 # Fields OpenAI clients and frameworks send with values that ask for nothing this server lacks:
@@ -40,35 +40,6 @@ NO_OP_VALUES = {
     "response_format": (None, {"type": "text"}), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
     "metadata": None, "service_tier": (None, "auto", "default"), "modalities": (None, ["text"]),
 }  # None: any value (metadata is the caller's own annotation)
-
-
-@dataclass
-class ServeConfig:
-    """Server limits and defaults, checked when the server starts."""
-
-    model_name: str = "twotower"
-    api_key: str | None = None
-    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host headers accepted when no key is set
-    max_prompt_tokens: int = 2048
-    max_tokens_limit: int = 1024
-    default_max_tokens: int = 128
-    max_body_bytes: int = 1 << 20
-    max_queue: int = 64  # requests waiting for the worker; more get 429
-    max_batch_size: int = 16
-    batch_wait: float = 0.01  # seconds the worker waits for compatible requests to join a batch
-    request_timeout: float = 120.0  # seconds from arrival to the last token
-    read_timeout: float = 10.0  # seconds a connection has to send a whole request before it is closed
-    refuse_late_work: bool = True  # refuse (429) requests that the measured speed says cannot finish in time
-
-    def validate(self) -> None:
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("the API key is empty; give a non-empty key or none")
-        for name in ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_queue",
-                     "max_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.request_timeout > 0 and self.read_timeout > 0):
-            raise ValueError("request_timeout and read_timeout must be > 0")
 
 
 class APIError(Exception):

@@ -18,33 +18,26 @@ the first committed block (the first token for the token-by-token modes), and th
 AR measured in the same run.
 Diffusion runs `steps_per_block = block_size`, so the threshold alone decides how many tokens a
 denoiser forward commits. Speculative rows add the fraction of drafted tokens accepted and the
-tokens a draft-and-verify round commits; their output is AR's by construction.
+tokens a draft-and-verify round commits; their output is AR's by construction. The command line
+is in `bench_cli.py`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 from tqdm import tqdm
 
+from .choices import BLOCK_SIZES, DRAFT_STEPS, MAX_NEW_TOKENS, TASK_NEW_TOKENS, THRESHOLDS
+from .evaluate import run_generation, story_quality, task_accuracy
+from .modes import MODES, get_mode
 from .tasks import Task, make_tasks
 
-# the model code (torch) is imported where it is used, so that `twotower bench --help` needs none of it
-
-THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
-BLOCK_SIZES = (4, 8, 16, 32)
-DRAFT_STEPS = (1, 2, 3)
-MAX_NEW_TOKENS = 64
-TASK_NEW_TOKENS = 16  # enough for every exact answer and its newline; tasks get at most this many
 HEADLINE = (16, 0.8)  # (block size, threshold): the release's setting
-QUICK = dict(stories=2, tasks=5, thresholds=(0.5, 0.8, 0.95), block_sizes=(8, 16), draft_steps=(1, 2),
-             max_new_tokens=16)
 FALLBACK_TASKS = 50
 # openings for models whose folder has no held-out story prompts
 STORY_OPENINGS = (
@@ -69,8 +62,6 @@ class Setting(NamedTuple):
     draft_steps: int | None = None
 
     def kwargs(self) -> dict:
-        from .modes import get_mode
-
         if not get_mode(self.mode).uses_diffusion:
             return {}
         chosen = dict(confidence_threshold=self.confidence_threshold, draft_steps=self.draft_steps)
@@ -78,8 +69,6 @@ class Setting(NamedTuple):
                     **{k: v for k, v in chosen.items() if v is not None})
 
     def label(self) -> str:
-        from .modes import get_mode
-
         if not get_mode(self.mode).uses_diffusion:
             return self.mode
         swept = f"t={self.confidence_threshold}" if self.draft_steps is None else f"steps={self.draft_steps}"
@@ -89,8 +78,6 @@ class Setting(NamedTuple):
 def sweep(thresholds=THRESHOLDS, block_sizes=BLOCK_SIZES, draft_steps=DRAFT_STEPS) -> list[Setting]:
     """Every mode of `MODES`: AR (the reference), mock-AR, and at every block size diffusion at
     every threshold and speculative decoding at every number of draft steps."""
-    from .modes import MODES
-
     values = {"confidence_threshold": [float(t) for t in thresholds], "draft_steps": [int(d) for d in draft_steps]}
     plain = [Setting(name) for name, mode in MODES.items() if not mode.uses_diffusion]
     return plain + [Setting(name, int(b), **{mode.swept: v}) for name, mode in MODES.items() if mode.uses_diffusion
@@ -125,8 +112,6 @@ def load_prompts(model_dir: Path, prompts_file: str | Path | None = None) -> tup
 
 def _warm_up(model, tokenizer, prompt: str, settings: list[Setting]) -> None:
     """One short untimed generation per mode, so one-time start-up costs land on no setting."""
-    from .evaluate import run_generation
-
     for s in {s.mode: s for s in settings}.values():
         run_generation(model, tokenizer, [prompt], s.mode, s.block_size or 2, **s.kwargs())
 
@@ -137,8 +122,6 @@ def run_bench(model, tokenizer, stories: list[str], tasks: list[Task], settings:
 
     Returns (rows: one dict of measurements per setting, outputs: {setting: generated token ids
     per prompt, stories first, then tasks})."""
-    from .evaluate import run_generation
-
     if Setting("ar") not in settings:
         raise ValueError("the sweep needs the AR setting: it is the reference for speed-up and quality")
     if not stories and not tasks:
@@ -173,8 +156,6 @@ def run_bench(model, tokenizer, stories: list[str], tasks: list[Task], settings:
 
 
 def _measurements(model, tokenizer, s: Setting, stories, tasks, out: dict, t: dict, latencies: list) -> dict:
-    from .evaluate import story_quality, task_accuracy
-
     n = t["generated_tokens"]
     by_kind = {}
     for kind in sorted({task.kind for task in tasks}):
@@ -285,70 +266,3 @@ def plot(rows: list[dict], path: str | Path) -> None:
     ax.set_title("TwoTower: quality versus speed (labels: confidence threshold, block size)")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-
-
-# ---------------------------------------------------------------- command line
-
-def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, metavar="PATH", help="model folder (default: the embedded model)")
-    p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="JSONL of prompts (prompt, optional answer and kind; default: the model's held-out prompts)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=None, metavar="T",
-                   help=f"confidence thresholds (default: {' '.join(map(str, THRESHOLDS))})")
-    p.add_argument("--block-sizes", type=int, nargs="+", default=None, metavar="S",
-                   help=f"block sizes (default: {' '.join(map(str, BLOCK_SIZES))})")
-    p.add_argument("--draft-steps", type=int, nargs="+", default=None, metavar="D",
-                   help=f"draft steps of the speculative rows (default: {' '.join(map(str, DRAFT_STEPS))})")
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help=f"new tokens per prompt (default: {MAX_NEW_TOKENS}; tasks get at most {TASK_NEW_TOKENS})")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="prompts per generate call (default: 1)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the measurements here")
-    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of quality retained versus speed-up here")
-    p.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown table here")
-    p.add_argument("--quick", action="store_true",
-                   help="a run of a minute or two: 2 story prompts and 5 tasks, thresholds 0.5 0.8 0.95, block "
-                        "sizes 8 16, draft steps 1 2, 16 new tokens (explicit options still win)")
-
-
-def run(args) -> int:
-    from .default import load_model, resolve_model_dir
-
-    if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before the run, not after it
-        print("error: --plot needs matplotlib, which is not installed: pip install 'twotower[bench]'",
-              file=sys.stderr)
-        return 2
-    model_dir = resolve_model_dir(args.model)
-    model, tokenizer = load_model(model_dir)
-    stories, tasks = load_prompts(model_dir, args.prompts)
-    quick = QUICK if args.quick else {}
-    if quick:
-        stories, tasks = stories[:quick["stories"]], tasks[:quick["tasks"]]
-    thresholds = args.thresholds or quick.get("thresholds", THRESHOLDS)
-    block_sizes = args.block_sizes or quick.get("block_sizes", BLOCK_SIZES)
-    draft_steps = args.draft_steps or quick.get("draft_steps", DRAFT_STEPS)
-    max_new_tokens = args.max_new_tokens or quick.get("max_new_tokens", MAX_NEW_TOKENS)
-    rows, _ = run_bench(model, tokenizer, stories, tasks, sweep(thresholds, block_sizes, draft_steps), max_new_tokens,
-                        args.batch_size)
-    table = markdown_table(rows)
-    print(table)
-    top = headline(rows)
-    if top is not None:
-        print(f"headline (diffusion, block {HEADLINE[0]}, threshold {HEADLINE[1]}): "
-              f"{top['speedup_vs_ar']:.2f}x AR's tokens/s, "
-              f"{top['tokens_per_denoiser_forward']:.2f} tokens per denoiser forward, quality retained "
-              + ("-" if top["quality_retained"] is None else f"{top['quality_retained']:.1%}"))
-    fastest = max((r for r in rows if r["draft_steps"] is not None), key=lambda r: r["speedup_vs_ar"], default=None)
-    if fastest is not None:
-        print(f"fastest speculative (block {fastest['block_size']}, {fastest['draft_steps']} draft steps): "
-              f"{fastest['speedup_vs_ar']:.2f}x AR's tokens/s, {fastest['acceptance_rate'] or 0:.1%} of drafts "
-              f"accepted, {fastest['tokens_per_round']:.2f} tokens per round")
-    if args.json:
-        report = {"model": str(model_dir), "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
-                  "task_new_tokens": min(TASK_NEW_TOKENS, max_new_tokens),
-                  "prompts": {"stories": len(stories), "tasks": len(tasks)}, "rows": rows, "headline": top}
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(table)
-    if args.plot:
-        plot(rows, args.plot)
-    return 0

@@ -22,7 +22,7 @@ COMMANDS = {
     "train": ("twotower.train_cli", "train a backbone (AR) or a two-tower model (masked diffusion)"),
     "recipe": ("twotower.recipes", "train a small TwoTower model end to end (resumable)"),
     "serve": ("twotower.serve", "an OpenAI-compatible HTTP server with streaming and request batching"),
-    "bench": ("twotower.bench", "measure quality versus speed of AR, mock-AR and mask diffusion"),
+    "bench": ("twotower.bench_cli", "measure quality versus speed of AR, mock-AR and mask diffusion"),
 }
 
 

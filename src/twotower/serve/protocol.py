@@ -23,7 +23,7 @@ from ..generation import GenerationStats
 from ..modes import MODES, get_mode
 from ..params import MIN_TEMPERATURE, DiffusionParams, SamplingParams
 from ..sampler import UNMASKING_RULES
-from .config import LOOPBACK_HOSTS, ServeConfig  # noqa: F401  (importable from here as before)
+from .config import LOOPBACK_HOSTS, ServeConfig  # noqa: F401  (also importable from here)
 
 CHAT_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # a base model would otherwise go on to write the user's next turn

@@ -12,7 +12,8 @@
     export     bfloat16 model + tokenizer + model card with measured quality -> OUT/model
 
 Each stage writes `done.json` when finished and is skipped on a rerun; training stages resume from
-their last checkpoint, so the recipe can be killed and restarted at any moment.
+their last checkpoint, so the recipe can be killed and restarted at any moment. The recipes'
+settings and the command line are in `recipes.py`.
 """
 
 from __future__ import annotations

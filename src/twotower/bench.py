@@ -33,6 +33,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from .choices import BLOCK_SIZES, DRAFT_STEPS, MAX_NEW_TOKENS, TASK_NEW_TOKENS, THRESHOLDS
+from .compiled import is_compiled
 from .evaluate import run_generation, story_quality, task_accuracy
 from .modes import MODES, get_mode
 from .tasks import Task, make_tasks
@@ -111,8 +112,10 @@ def load_prompts(model_dir: Path, prompts_file: str | Path | None = None) -> tup
 # ---------------------------------------------------------------- measuring
 
 def _warm_up(model, tokenizer, prompt: str, settings: list[Setting]) -> None:
-    """One short untimed generation per mode, so one-time start-up costs land on no setting."""
-    for s in {s.mode: s for s in settings}.values():
+    """One short untimed generation per mode, so one-time start-up costs land on no setting; on the
+    compiled path (`twotower.compiled`) one per mode and block size, each of which compiles."""
+    key = (lambda s: (s.mode, s.block_size)) if is_compiled(model) else (lambda s: s.mode)
+    for s in {key(s): s for s in settings}.values():
         run_generation(model, tokenizer, [prompt], s.mode, s.block_size or 2, **s.kwargs())
 
 

@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="write the measurements here")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of quality retained versus speed-up here")
     p.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown table here")
+    p.add_argument("--compile", action="store_true",
+                   help="run every mode on the compiled decoding path (torch.compile); the compile time is paid "
+                        "in an untimed warm-up per mode and block size, and reported")
     p.add_argument("--quick", action="store_true",
                    help="a run of a minute or two: 2 story prompts and 5 tasks, thresholds 0.5 0.8 0.95, block "
                         "sizes 8 16, draft steps 1 2, 16 new tokens (explicit options still win)")
@@ -38,6 +41,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from .bench import HEADLINE, headline, load_prompts, markdown_table, plot, run_bench, sweep
+    from .compiled import compile_for_decoding, compile_seconds
     from .default import load_model, resolve_model_dir
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # say so before the run, not after it
@@ -54,8 +58,12 @@ def run(args) -> int:
     block_sizes = args.block_sizes or quick.get("block_sizes", BLOCK_SIZES)
     draft_steps = args.draft_steps or quick.get("draft_steps", DRAFT_STEPS)
     max_new_tokens = args.max_new_tokens or quick.get("max_new_tokens", MAX_NEW_TOKENS)
+    if args.compile:
+        compile_for_decoding(model)
     rows, _ = run_bench(model, tokenizer, stories, tasks, sweep(thresholds, block_sizes, draft_steps), max_new_tokens,
                         args.batch_size)
+    if args.compile:
+        print(f"compiled path: {compile_seconds(model):.1f}s compiling, in the warm-up", file=sys.stderr)
     table = markdown_table(rows)
     print(table)
     top = headline(rows)
@@ -70,7 +78,7 @@ def run(args) -> int:
               f"{fastest['speedup_vs_ar']:.2f}x AR's tokens/s, {fastest['acceptance_rate'] or 0:.1%} of drafts "
               f"accepted, {fastest['tokens_per_round']:.2f} tokens per round")
     if args.json:
-        report = {"model": str(model_dir), "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
+        report = {"model": str(model_dir), "compiled": args.compile, "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
                   "task_new_tokens": min(TASK_NEW_TOKENS, max_new_tokens),
                   "prompts": {"stories": len(stories), "tasks": len(tasks)}, "rows": rows, "headline": top}
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show-steps", action="store_true", help="draw every denoising step (diffusion)")
     p.add_argument("--stats", action="store_true", help="print forwards, tokens per forward and tokens/s")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding hot path with torch.compile (pays a compile time first: see --stats)")
 
 
 class TextStream:
@@ -86,7 +88,7 @@ def run(args) -> int:
               f"the model's max_position_embeddings ({longest}): it was not trained on sequences this long",
               file=sys.stderr)
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                  eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True)
+                  eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True, compile=args.compile)
     sys.stdout.write(args.prompt)
     draws_steps = args.show_steps and MODES[args.mode].uses_diffusion  # other modes have no steps: they stream
     stream = None if draws_steps else TextStream(tokenizer)
@@ -111,7 +113,8 @@ def run(args) -> int:
         s = out.stats
         print(f"[{args.mode}] {s.generated_tokens} tokens in {s.wall_time:.2f}s ({s.tokens_per_second:.1f} tok/s); "
               f"denoiser forwards {s.denoiser_forwards}, context forwards {s.context_forwards}, "
-              f"tokens per denoiser forward {s.tokens_per_denoiser_forward:.2f}", file=sys.stderr)
+              f"tokens per denoiser forward {s.tokens_per_denoiser_forward:.2f}"
+              + (f"; {s.compile_seconds:.1f}s of it compiling" if s.compile_seconds else ""), file=sys.stderr)
         if s.rounds:
             print(f"[{args.mode}] drafted {s.drafted_tokens}, accepted {s.accepted_tokens} "
                   f"({s.acceptance_rate:.0%}), tokens per round {s.tokens_per_round:.2f}", file=sys.stderr)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compiled import compile_for_decoding, compile_seconds
 from .params import GenerateOptions, SamplingParams, generation_settings, split_settings
 from .sampler import sample_next
 
@@ -49,6 +50,7 @@ class GenerationStats:
     context_forwards: int = 0
     wall_time: float = 0.0
     first_block_latency: float | None = None
+    compile_seconds: float = 0.0  # of wall_time, in calls that compiled a graph (`twotower.compiled`)
     speculation: list[RowSpeculation] = field(default_factory=list)
 
     @property
@@ -168,6 +170,8 @@ class Run:
     stats: GenerationStats
     start: float
     pad_token_id: int
+    model: object  # the model generating, whose compile time the call reports
+    compile_start: float  # the model's compile seconds when the call began
 
     def out_of_time(self) -> bool:
         max_time = self.options.max_time
@@ -178,15 +182,19 @@ class Run:
             self.options.streamer.put(tokens.cpu())
 
 
-def start_run(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+def start_run(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
               sampling: SamplingParams, options: GenerateOptions, forbidden_id: int | None = None) -> Run:
-    """Check a call's prompt against the model's `config`, hand the prompt to the streamer, start the
-    clock."""
+    """Check a call's prompt against the model's config, switch the compiled path on if asked, hand
+    the prompt to the streamer, start the clock."""
+    config = model.config
     validate_prompt(input_ids, config.vocab_size, attention_mask, forbidden_id)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if options.compile:
+        compile_for_decoding(model)
     stats = options.stats if options.stats is not None else GenerationStats()
-    run = Run(sampling.for_call(), options, stats, time.perf_counter(), config.pad_token_id or 0)
+    run = Run(sampling.for_call(), options, stats, time.perf_counter(), config.pad_token_id or 0, model,
+              compile_seconds(model))
     run.put(input_ids)
     return run
 
@@ -237,7 +245,7 @@ def generate_ar(model, input_ids: torch.Tensor, max_new_tokens: int = 128, *,
     sampling, _, options = split_settings("generate_ar", kwargs, sampling, None, options,
                                           takes=("sampling", "options"))
     refuse_step_callback(options, "generate_ar")
-    run = start_run(model.config, input_ids, attention_mask, max_new_tokens, sampling, options)
+    run = start_run(model, input_ids, attention_mask, max_new_tokens, sampling, options)
     cache = model.new_cache()
     logits = model(input_ids, attention_mask, cache, logits_to_keep=1).logits[:, -1]
     run.stats.context_forwards += 1
@@ -295,6 +303,7 @@ def finish_generation(input_ids: torch.Tensor, new: torch.Tensor, run: Run):
         new = new.masked_fill(after, run.pad_token_id)[:, :int((~after).sum(-1).max())]
         run.stats.generated_tokens = int((~after).sum())
     run.stats.wall_time = time.perf_counter() - run.start
+    run.stats.compile_seconds = compile_seconds(run.model) - run.compile_start
     if run.options.streamer is not None:
         run.options.streamer.end()
     sequences = torch.cat([input_ids.cpu(), new], dim=1)

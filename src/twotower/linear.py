@@ -29,6 +29,8 @@ class Linear(nn.Linear):
     agree to float rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # inductor chooses how to run the product
+            return F.linear(x, self.weight, self.bias)
         if (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= SPLIT_MAX_ROWS * self.in_features
                 and self.weight.numel() >= SPLIT_MIN_WEIGHTS and self.weight.is_contiguous()):
             parts = torch.get_num_threads()

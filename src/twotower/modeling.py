@@ -20,6 +20,7 @@ from transformers.utils import GENERATION_CONFIG_NAME
 
 from .attention import CAUSAL, Attention
 from .cache import HybridCache
+from .compiled import compiled_version, plain, plain_inputs
 from .config import BLOCK_TYPES, NemotronHConfig
 from .generation import generate_ar, transformers_generate
 from .objectives import causal_lm_loss
@@ -108,6 +109,8 @@ class Block(nn.Module):
 class NemotronHModel(nn.Module):
     """The tower: embeddings, blocks, norm_f. forward(ids [b, l]) -> hidden states [b, l, d]."""
 
+    compiled_methods = ("run_layers",)  # what `compiled.compile_for_decoding` compiles
+
     def __init__(self, config: NemotronHConfig):
         super().__init__()
         self.config = config
@@ -168,21 +171,36 @@ class NemotronHModel(nn.Module):
         # a fresh unpadded prefill needs no mask tensor: attention runs it as CAUSAL
         mask = CAUSAL if key_mask is None and past == 0 else causal_mask(key_mask, past, l, h.device)
         pad_mask = None if key_mask is None else key_mask[:, past:]
-        for i, layer in enumerate(self.layers):
-            if hidden_states is not None:
-                hidden_states.append(h)
-            h, state = layer(h, cache.states[i] if cache is not None else None, mask=mask, pad_mask=pad_mask,
-                             tentative=tentative)
-            if cache is not None:
-                cache.states[i] = state
+        states = cache.states if cache is not None else [None] * len(self.layers)
+        # a cached continuation (a decoding step, a committed block) is a hot path, compiled once
+        # `compiled.compile_for_decoding` switched it on; a prefill and anything with gradients run eagerly
+        fast = compiled_version(self, "run_layers") if past > 0 and hidden_states is None else None
+        if fast is not None:
+            states, mask = plain_inputs(states, [layer.kind for layer in self.layers], mask)
+            h, states = fast(self, plain(h), states, mask, plain(pad_mask), tentative)
+        else:
+            h, states = self.run_layers(h, states, mask, pad_mask, tentative, hidden_states)
         if cache is not None:
+            cache.states = states
             cache.length += l
             cache.pad_mask = key_mask
             cache.tentative = l if tentative else 0
+        return h
+
+    def run_layers(self, h, states: list, mask, pad_mask, tentative: bool = False, hidden_states: list | None = None):
+        """The blocks and norm_f over h [b, l, d], each block continuing its entry of `states`:
+        -> (hidden states [b, l, d], the blocks' new states). Masks as `Block.forward` takes them.
+        A pure function of its inputs (the caches are the caller's), so it compiles as one graph."""
+        new_states = []
+        for layer, state in zip(self.layers, states):
+            if hidden_states is not None:
+                hidden_states.append(h)
+            h, state = layer(h, state, mask=mask, pad_mask=pad_mask, tentative=tentative)
+            new_states.append(state)
         h = self.norm_f(h)
         if hidden_states is not None:
             hidden_states.append(h)
-        return h
+        return h, new_states
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:

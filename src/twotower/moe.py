@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .compiled import DENSE_MAX_EXPERTS
 from .config import ROUTER_DTYPES
-from .mlp import MLP
+from .mlp import MLP, relu2_
 from .precision import without_autocast
 
 
@@ -64,11 +65,67 @@ class Router(nn.Module):
         )
 
 
+def _stacked(experts, name: str):
+    """One projection of every expert stacked: weight [E, out, in] and bias [E, out] or None."""
+    projections = [getattr(expert, name) for expert in experts]
+    bias = None if projections[0].bias is None else torch.stack([p.bias for p in projections])
+    return torch.stack([p.weight for p in projections]), bias
+
+
+def dense_mix(experts, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j * expert_{id_j}(x) for tokens flat [t, d] as one graph whatever the routing, for
+    the compiled path (`twotower.compiled`): batched products over the experts' stacked weights,
+    of the chosen experts only when the t * k choices are fewer than the experts (a decoding step),
+    else of every expert on every token, weighted by its routing weight (0 where not chosen).
+    -> float32 [t, d]."""
+    (up, up_bias), (down, down_bias) = _stacked(experts, "up_proj"), _stacked(experts, "down_proj")
+    t, k = ids.shape
+    if t * k < len(experts):
+        chosen = ids.flatten()
+        x = flat.repeat_interleave(k, dim=0)[:, :, None]  # [t k, d, 1]
+        h = torch.bmm(up[chosen], x)[..., 0]
+        h = relu2_(h if up_bias is None else h + up_bias[chosen])
+        out = torch.bmm(down[chosen], h[:, :, None])[..., 0]  # [t k, d]
+        out = out if down_bias is None else out + down_bias[chosen]
+        return (out.float().view(t, k, -1) * weights[..., None]).sum(1)
+    h = torch.matmul(flat, up.transpose(1, 2))  # [E, t, f]
+    h = relu2_(h if up_bias is None else h + up_bias[:, None])
+    out = torch.matmul(h, down.transpose(1, 2))  # [E, t, d]
+    out = out if down_bias is None else out + down_bias[:, None]
+    gate = torch.zeros(t, len(experts), dtype=torch.float32, device=flat.device).scatter_(1, ids, weights.float())
+    return torch.einsum("etd,te->td", out.float(), gate)
+
+
+@torch.compiler.disable
+def grouped_mix(experts, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j * expert_{id_j}(x), running each expert on the tokens that chose it: tokens are
+    grouped by expert (one matmul pair per expert that has tokens), not looped over; a single token
+    (a decoding step) calls its k experts directly, in expert order as the groups are. Eager always
+    (its work depends on the routing). -> float32 [t, d]."""
+    if flat.shape[0] == 1:
+        chosen = sorted(zip(ids[0].tolist(), weights[0].tolist()))
+        return sum(experts[e](flat).float() * w for e, w in chosen)
+    top_k = ids.shape[1]
+    order = ids.flatten().argsort(stable=True)  # assignments sorted by expert
+    tokens = order // top_k
+    counts = torch.bincount(ids.flatten(), minlength=len(experts)).tolist()
+    inputs, scales = flat[tokens], weights.flatten()[order, None].float()
+    # in training every expert runs, chosen or not (an empty batch for the unchosen), so each gets a
+    # gradient, if zero: DDP and FSDP2 need the same gradients on every rank
+    every = torch.is_grad_enabled() and experts[0].up_proj.weight.requires_grad
+    outputs, start = [], 0
+    for expert, count in zip(experts, counts):
+        if count or every:
+            outputs.append(expert(inputs[start:start + count]) * scales[start:start + count])
+            start += count
+    return torch.zeros_like(flat, dtype=torch.float32).index_add_(0, tokens, torch.cat(outputs))
+
+
 class MoE(nn.Module):
     """forward(u [b, l, d]) -> [b, l, d]: sum_j w_j * expert_{id_j}(u) + shared_expert(u).
 
-    Tokens are grouped by expert (one matmul pair per expert that has tokens), not looped over;
-    a single token (a decoding step) calls its k experts directly.
+    Eagerly the experts run on the tokens that chose them (`grouped_mix`); compiled, with few
+    experts, every expert runs as part of the graph (`dense_mix`).
     """
 
     def __init__(self, config):
@@ -83,22 +140,6 @@ class MoE(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         flat = u.reshape(-1, u.shape[-1])
         ids, weights = self.gate(flat)
-        if flat.shape[0] == 1:  # one token (decoding): its k experts directly, in expert order as below
-            chosen = sorted(zip(ids[0].tolist(), weights[0].tolist()))
-            routed = sum(self.experts[e](flat).float() * w for e, w in chosen)
-        else:
-            top_k = ids.shape[1]
-            order = ids.flatten().argsort(stable=True)  # assignments sorted by expert
-            tokens = order // top_k
-            counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
-            inputs, scales = flat[tokens], weights.flatten()[order, None].float()
-            # in training every expert runs, chosen or not (an empty batch for the unchosen), so each
-            # gets a gradient, if zero: DDP and FSDP2 need the same gradients on every rank
-            every = torch.is_grad_enabled() and self.experts[0].up_proj.weight.requires_grad
-            outputs, start = [], 0
-            for expert, count in zip(self.experts, counts):
-                if count or every:
-                    outputs.append(expert(inputs[start:start + count]) * scales[start:start + count])
-                    start += count
-            routed = torch.zeros_like(flat, dtype=torch.float32).index_add_(0, tokens, torch.cat(outputs))
+        in_graph = torch.compiler.is_compiling() and len(self.experts) <= DENSE_MAX_EXPERTS
+        routed = (dense_mix if in_graph else grouped_mix)(self.experts, flat, ids, weights)
         return (routed.to(u.dtype) + self.shared_experts(flat)).view_as(u)

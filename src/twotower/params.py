@@ -137,7 +137,8 @@ class GenerateOptions:
     sees every denoising step (diffusion modes). use_cache=False: the slow exact reference that
     recomputes the context. return_dict_in_generate: a `GenerateOutput` with statistics. stats: a
     `GenerationStats` filled as they grow. max_time: seconds after which no new block or token
-    begins (transformers' `MaxTimeCriteria`)."""
+    begins (transformers' `MaxTimeCriteria`). compile: switch the model's compiled decoding path
+    on (`twotower.compiled`; it stays on), its compile time reported in the statistics."""
 
     eos_token_id: int | None = None
     streamer: object = None
@@ -146,9 +147,12 @@ class GenerateOptions:
     return_dict_in_generate: bool = False
     stats: object = None
     max_time: float | None = None
+    compile: bool = False
 
     def __post_init__(self):
         _check_int("eos_token_id", self.eos_token_id, 0)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if self.step_callback is not None and not callable(self.step_callback):
             raise ValueError("step_callback must be callable")
         if self.max_time is not None and (isinstance(self.max_time, bool) or not isinstance(

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import kept_columns
+from .compiled import is_compiled
 from .generation import RowSpeculation, finish_generation, streamed_part
 from .params import DiffusionParams, GenerateOptions, SamplingParams, split_settings
 from .sampler import DenoiseStep, block_time, commit_most_confident, sample_next, token_probs
@@ -213,6 +214,8 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 1
             break
         rows, pending = rows.select(going), pending[going]
         length = min(diffusion.block_size, int((max_new_tokens - done.counts[rows.index]).max()))
+        if is_compiled(model):  # one shape for every round, so one graph: a short last round drafts a whole block
+            length = diffusion.block_size
         context, _ = model._context_for(rows, rows.seq.shape[1], use_cache, stats)
         on_denoiser = context.to(model.denoiser_device)
 

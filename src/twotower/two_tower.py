@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .cache import HybridCache
+from .compiled import compiled_version, plain, plain_inputs
 from .config import NemotronHConfig
 from .generation import (GenerationStats, decode_ar, finish_generation, refuse_step_callback, start_run,
                          streamed_part, transformers_generate)
@@ -69,6 +70,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
     config_class = TwoTowerConfig
     base_model_prefix = "context_tower"  # the embedding accessors give the context side, what forward reads
     lm_head_name = "context_lm_head"
+    compiled_methods = ("denoise_hidden",)  # what `compiled.compile_for_decoding` compiles
 
     def __init__(self, config: TwoTowerConfig):
         super().__init__(config)
@@ -141,7 +143,8 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
     def denoise(self, x: torch.Tensor, t: torch.Tensor | None, context_states: list, attention_mask,
                 block_size: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The denoiser forward, for generation (one block) and for the training loss (every block
-        of a sequence at once).
+        of a sequence at once): `denoise_hidden` (compiled under `compiled.compile_for_decoding`
+        when gradients are off), then the head.
 
         x [b, n]: blocks of `block_size` positions, mask tokens where unknown (a short last block
         is padded at its end inside, which causal Mamba and the masked attention cannot see).
@@ -152,6 +155,21 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         (every key). Returns float32 logits [b, n, vocab], or [count, vocab] at the True entries
         of `positions` [b, n] in row-major order (the sampler and the loss read masked positions
         only, so the head runs there alone)."""
+        fast = compiled_version(self, "denoise_hidden")
+        if fast is not None:
+            context_states, attention_mask = plain_inputs(
+                context_states, [layer.kind for layer in self.denoiser_tower.layers], attention_mask)
+            h = fast(self, plain(x), plain(t), context_states, attention_mask, block_size)
+        else:
+            h = self.denoise_hidden(x, t, context_states, attention_mask, block_size)
+        if positions is not None:
+            h = h[positions]
+        return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+
+    def denoise_hidden(self, x: torch.Tensor, t: torch.Tensor | None, context_states: list, attention_mask,
+                       block_size: int) -> torch.Tensor:
+        """The denoiser tower's blocks over x [b, n] (arguments as `denoise`) -> [b, n, H], before
+        norm_f."""
         t_emb = None if t is None else self.time_embedding(t)
         h = self.denoiser_tower.embeddings(x)
         for i, layer in enumerate(self.denoiser_tower.layers):
@@ -160,9 +178,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
                 h = mamba_by_blocks(layer, h, context_states[i], modulation, block_size)
             else:
                 h, _ = layer(h, context_states[i], mask=attention_mask, modulation=modulation, keep_state=False)
-        if positions is not None:
-            h = h[positions]
-        return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+        return h
 
     def denoise_block(self, x: torch.Tensor, t: torch.Tensor | None, context: HybridCache,
                       positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,7 +280,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         return rows.context, h
 
     def _begin(self, input_ids, attention_mask, max_new_tokens, sampling, options, forbidden_id=None):
-        run = start_run(self.config, input_ids, attention_mask, max_new_tokens, sampling, options, forbidden_id)
+        run = start_run(self, input_ids, attention_mask, max_new_tokens, sampling, options, forbidden_id)
         return GenerationRows(input_ids.cpu(), None if attention_mask is None else attention_mask.cpu().bool()), run
 
     @torch.no_grad()

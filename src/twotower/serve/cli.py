@@ -94,6 +94,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout", type=float, default=defaults.request_timeout, help="seconds per request")
     parser.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
                         help="seconds a connection has to send a whole request")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode on the compiled path (torch.compile); compiles AR and diffusion decoding "
+                             "(batches of 1 and 2) before serving, other modes and settings at first use")
 
 
 def config_of(args) -> ServeConfig:
@@ -111,6 +114,23 @@ def config_of(args) -> ServeConfig:
     return config
 
 
+def warm_up_compiled(model, tokenizer) -> float:
+    """Switch the compiled path on and compile what serving needs first: AR and diffusion decoding
+    of batches of one and of two rows (a batch of one compiles a graph of its own). Returns the
+    seconds spent compiling."""
+    import torch
+
+    from ..compiled import compile_for_decoding, compile_seconds
+    from ..modes import run_mode
+
+    compile_for_decoding(model)
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    for batch in (ids, torch.cat([ids, ids])):
+        for mode in ("ar", "diffusion"):
+            run_mode(model, mode, batch, model.config.block_size)
+    return compile_seconds(model)
+
+
 def run(args) -> int:
     from ..default import load_model
     from .app import create_app
@@ -124,5 +144,7 @@ def run(args) -> int:
     if args.api_key is None and args.host not in LOOPBACK_HOSTS:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it may use it "
               f"(with a Host header among: {', '.join(config.allowed_hosts)})")
+    if args.compile:
+        print(f"compiled decoding ready after {warm_up_compiled(model, tokenizer):.0f}s of compiling", flush=True)
     uvicorn_server(create_app(model, tokenizer, config), config, host=args.host, port=args.port).run()
     return 0

@@ -121,7 +121,7 @@ def _compare_with_and_without_kernels(device: str) -> dict:
 def part_kernels(device: str) -> dict:
     from twotower import kernels
 
-    found = kernels.available()
+    found = kernels.kernels_available()
     result = {"available": found, "ok": True}
     if any(found.values()):
         try:

@@ -224,7 +224,7 @@ def test_chunked_scan_equals_sequential_recurrence(length, chunk, with_state, de
     x, dt, A, B, C, init = (t.to(device) for t in (x, dt, A, B, C, init))
     y1, s1 = ssd_chunked(x, dt, A, B, C, chunk, init if with_state else None)
     y2, s2 = ssd_sequential(x, dt, A, B, C, init)
-    y5, s5 = kernels.ssd_scan(x, dt, A, B, C, chunk, init if with_state else None)  # the CUDA kernel where installed
+    y5, s5 = kernels.mamba_scan(x, dt, A, B, C, chunk, init if with_state else None)  # the CUDA kernel where installed
     for y, s in ((y1, s1), (y2, s2), (y5, s5)):
         assert (y.cpu() - y3).abs().max() <= 1e-4 and (s.cpu() - s3).abs().max() <= 1e-4
     y4, s4 = ssd_chunked(x, dt, A, B, C, chunk, init if with_state else None, states=None)

@@ -23,13 +23,13 @@ def _installed(module: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("operation", sorted(kernels.KERNELS))
+@pytest.mark.parametrize("operation", sorted(kernels.MAMBA_KERNELS))
 def test_an_absent_package_means_ours(operation):
-    module, _ = kernels.KERNELS[operation]
+    module, _ = kernels.MAMBA_KERNELS[operation]
     if _installed(module):
         pytest.skip(f"{module} is installed here")
-    assert kernels.kernel(operation) is None
-    assert kernels.available()[operation] is False
+    assert kernels.kernel_for(operation) is None
+    assert kernels.kernels_available()[operation] is False
 
 
 def test_cpu_tensors_run_ours_and_no_kernel():
@@ -37,10 +37,10 @@ def test_cpu_tensors_run_ours_and_no_kernel():
     mixer = randomize(Mamba2Mixer(tiny_config()).eval())
     u = torch.randn(2, 11, 32)
     calls = dict(kernels.kernel_calls)
-    for operation in kernels.KERNELS:
-        assert kernels.implementation(operation, u) == "ours"
+    for operation in kernels.MAMBA_KERNELS:
+        assert kernels.kernel_or_ours(operation, u) == "ours"
         with kernels.use_kernels(False):
-            assert kernels.implementation(operation, u) == "ours"
+            assert kernels.kernel_or_ours(operation, u) == "ours"
     with torch.no_grad():
         out, state = mixer(u)
         step_out, _ = mixer(u[:, :1], state)
@@ -62,9 +62,9 @@ def test_dispatched_functions_equal_ours_on_cpu():
     b, l, c, k, h, p, gr, n = 2, 9, 16, 4, 4, 8, 2, 16
     x = torch.randn(b, l, c, generator=g)
     weight, bias, history = torch.randn(c, k, generator=g), torch.randn(c, generator=g), torch.randn(b, c, k - 1, generator=g)
-    for got, want in zip(kernels.causal_conv(x, weight, bias, history), causal_conv(x, weight, bias, history)):
+    for got, want in zip(kernels.mamba_conv(x, weight, bias, history), causal_conv(x, weight, bias, history)):
         assert torch.equal(got, want)
-    for got, want in zip(kernels.causal_conv_step(x[:, 0], weight, bias, history),
+    for got, want in zip(kernels.mamba_conv_step(x[:, 0], weight, bias, history),
                          causal_conv_step(x[:, 0], weight, bias, history)):
         assert torch.equal(got, want)
     # one step of the sequence conv is the step
@@ -76,11 +76,11 @@ def test_dispatched_functions_equal_ours_on_cpu():
     xs, dt = torch.randn(b, l, h, p, generator=g), torch.rand(b, l, h, generator=g) * 0.2
     A, B, C = -torch.rand(h, generator=g) * 4, torch.randn(b, l, gr, n, generator=g), torch.randn(b, l, gr, n, generator=g)
     state = torch.randn(b, h, p, n, generator=g)
-    y, final = kernels.ssd_scan(xs, dt, A, B, C, 4, state)
+    y, final = kernels.mamba_scan(xs, dt, A, B, C, 4, state)
     y_ref, final_ref = ssd_chunked(xs, dt, A, B, C, 4, state)
     assert torch.equal(y, y_ref) and torch.equal(final, final_ref)
-    y_only, none = kernels.ssd_scan(xs, dt, A, B, C, 4, state, final_state=False)
+    y_only, none = kernels.mamba_scan(xs, dt, A, B, C, 4, state, final_state=False)
     assert none is None and torch.equal(y_only, y_ref)
-    for got, want in zip(kernels.ssd_update(state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0]),
+    for got, want in zip(kernels.mamba_scan_step(state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0]),
                          ssd_step(state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])):
         assert torch.equal(got, want)

@@ -24,17 +24,16 @@ from collections import Counter
 
 import torch
 
-from .conv import causal_conv as conv_ours
-from .conv import causal_conv_step as conv_step_ours
+from .conv import causal_conv, causal_conv_step
 from .precision import without_autocast
 from .ssd import ssd_chunked, ssd_step
 
 # operation -> (module, function) of the kernel that can replace ours
-KERNELS = {
-    "causal_conv": ("causal_conv1d", "causal_conv1d_fn"),
-    "causal_conv_step": ("causal_conv1d", "causal_conv1d_update"),
-    "ssd_scan": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
-    "ssd_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
+MAMBA_KERNELS = {
+    "mamba_conv": ("causal_conv1d", "causal_conv1d_fn"),
+    "mamba_conv_step": ("causal_conv1d", "causal_conv1d_update"),
+    "mamba_scan": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
+    "mamba_scan_step": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
 }
 
 kernel_calls: Counter = Counter()  # operation -> how many times its kernel ran in this process
@@ -42,19 +41,19 @@ _enabled = True
 
 
 @functools.cache
-def kernel(operation: str):
+def kernel_for(operation: str):
     """The kernel function for `operation`, or None where its package does not import (absent, or
     built for another torch or CUDA)."""
-    module, name = KERNELS[operation]
+    module, name = MAMBA_KERNELS[operation]
     try:
         return getattr(importlib.import_module(module), name)
     except Exception:  # noqa: BLE001 - any failure to load a compiled extension means: use ours
         return None
 
 
-def available() -> dict[str, bool]:
+def kernels_available() -> dict[str, bool]:
     """operation -> whether its kernel imports here."""
-    return {operation: kernel(operation) is not None for operation in KERNELS}
+    return {operation: kernel_for(operation) is not None for operation in MAMBA_KERNELS}
 
 
 @contextlib.contextmanager
@@ -68,11 +67,13 @@ def use_kernels(enabled: bool):
         _enabled = before
 
 
-def implementation(operation: str, *tensors: torch.Tensor | None) -> str:
-    """"kernel" where `operation`'s kernel will run on these tensors, else "ours"."""
+def kernel_or_ours(operation: str, *tensors: torch.Tensor | None) -> str:
+    """"kernel" where `operation`'s kernel can run on these tensors (its package imports, all are on
+    CUDA, kernels are allowed), else "ours". The functions below add their kernel's own limits
+    (the conv's width and channels; no gradients through the step kernels)."""
     tensors = [t for t in tensors if t is not None]
     on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
-    return "kernel" if _enabled and on_cuda and kernel(operation) is not None else "ours"
+    return "kernel" if _enabled and on_cuda and kernel_for(operation) is not None else "ours"
 
 
 def _grad_wanted(*tensors) -> bool:
@@ -91,59 +92,59 @@ def _channel_last(t: torch.Tensor) -> torch.Tensor:
 
 
 @without_autocast
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tensor | None):
+def mamba_conv(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tensor | None):
     """`conv.causal_conv`: x [b, l, c], weight [c, K], history [b, c, K-1] or None ->
     (out [b, l, c] float32, history [b, c, K-1] in x's dtype)."""
-    if implementation("causal_conv", x, weight) == "ours" or not _conv_fits(x, weight):
-        return conv_ours(x, weight, bias, history)
-    kernel_calls["causal_conv"] += 1
+    if kernel_or_ours("mamba_conv", x, weight) == "ours" or not _conv_fits(x, weight):
+        return causal_conv(x, weight, bias, history)
+    kernel_calls["mamba_conv"] += 1
     b, l, c = x.shape
     if history is None:
         history = x.new_zeros(b, c, weight.shape[-1] - 1)
-    out, final = kernel("causal_conv")(
+    out, final = kernel_for("mamba_conv")(
         _channel_last(x), weight.float().contiguous(), None if bias is None else bias.float().contiguous(),
         initial_states=_channel_last(history.transpose(1, 2)), return_final_states=True, activation="silu")
     return out.transpose(1, 2), final.to(x.dtype)
 
 
 @without_autocast
-def causal_conv_step(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tensor):
+def mamba_conv_step(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tensor):
     """`conv.causal_conv_step`: x [b, c], history [b, c, K-1] -> (out [b, c] float32, history)."""
-    if (implementation("causal_conv_step", x, weight, history) == "ours" or not _conv_fits(x, weight)
+    if (kernel_or_ours("mamba_conv_step", x, weight, history) == "ours" or not _conv_fits(x, weight)
             or _grad_wanted(x, weight, bias, history)):
-        return conv_step_ours(x, weight, bias, history)
-    kernel_calls["causal_conv_step"] += 1
+        return causal_conv_step(x, weight, bias, history)
+    kernel_calls["mamba_conv_step"] += 1
     # A state of K columns, the oldest a placeholder: releases that keep K columns shift it left by
     # one and read all K, those that keep K-1 or more read the last K-1; both see [history, x].
     state = torch.cat([history.new_zeros(history.shape[0], history.shape[1], 1), history], dim=-1).float()
-    out = kernel("causal_conv_step")(x.float(), state, weight.float().contiguous(),
-                                     None if bias is None else bias.float().contiguous(), activation="silu")
+    out = kernel_for("mamba_conv_step")(x.float(), state, weight.float().contiguous(),
+                                         None if bias is None else bias.float().contiguous(), activation="silu")
     return out, state[:, :, 1:].to(x.dtype)
 
 
 @without_autocast
-def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, final_state: bool = True):
+def mamba_scan(x, dt, A, B, C, chunk_size: int, initial_state=None, final_state: bool = True):
     """`ssd.ssd_chunked` with states "final" (True) or None (False) -> (y float32, state or None)."""
-    if implementation("ssd_scan", x, dt, B, C) == "ours":
+    if kernel_or_ours("mamba_scan", x, dt, B, C) == "ours":
         return ssd_chunked(x, dt, A, B, C, chunk_size, initial_state, states="final" if final_state else None)
-    kernel_calls["ssd_scan"] += 1
-    result = kernel("ssd_scan")(
+    kernel_calls["mamba_scan"] += 1
+    result = kernel_for("mamba_scan")(
         x.float(), dt.float(), A.float(), B.float(), C.float(), chunk_size,
         initial_states=None if initial_state is None else initial_state.float(), return_final_states=final_state)
     return result if final_state else (result, None)
 
 
 @without_autocast
-def ssd_update(state, x, dt, A, B, C):
+def mamba_scan_step(state, x, dt, A, B, C):
     """`ssd.ssd_step`: state [b, h, p, n]; x [b, h, p]; dt [b, h]; B, C [b, g, n] -> (y [b, h, p],
     new state), float32."""
-    if implementation("ssd_update", state, x, dt, B, C) == "ours" or _grad_wanted(state, x, dt, A, B, C):
+    if kernel_or_ours("mamba_scan_step", state, x, dt, B, C) == "ours" or _grad_wanted(state, x, dt, A, B, C):
         return ssd_step(state, x, dt, A, B, C)
-    kernel_calls["ssd_update"] += 1
+    kernel_calls["mamba_scan_step"] += 1
     b, h, p = x.shape
     n = B.shape[-1]
     new_state = state.float().clone()  # updated in place by the kernel
-    y = kernel("ssd_update")(
+    y = kernel_for("mamba_scan_step")(
         new_state, x.float(), dt.float()[..., None].expand(b, h, p), A.float()[:, None, None].expand(h, p, n),
         B.float(), C.float(), dt_bias=A.new_zeros(h, dtype=torch.float32)[:, None].expand(h, p),
         dt_softplus=False)

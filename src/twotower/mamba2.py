@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from .kernels import mamba_conv, mamba_conv_step, mamba_scan, mamba_scan_step
 from .linear import Linear
 from .norm import GatedRMSNorm
 from .ssd import ssd_chunked, ssd_state_after
@@ -117,7 +117,7 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * pad_mask[..., None].to(xBC.dtype)
         conv_history, ssm_state = state if state is not None else (None, None)
         raw, history_before = xBC, conv_history
-        xBC, conv_history = kernels.causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_history)
+        xBC, conv_history = mamba_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_history)
         group_width = self.n_groups * self.state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
         dt = self._dt(dt, pad_mask)
@@ -126,7 +126,7 @@ class Mamba2Mixer(nn.Module):
         B = B.reshape(b, l, self.n_groups, self.state_size)
         C = C.reshape(b, l, self.n_groups, self.state_size)
         if tentative:
-            y, _ = kernels.ssd_scan(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=False)
+            y, _ = mamba_scan(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=False)
             if history_before is None:
                 history_before = torch.zeros_like(conv_history)
             return self._output(y, x, z, pad_mask, u.dtype), MambaChunk(history_before, raw, x, dt, B, A, ssm_state)
@@ -136,7 +136,7 @@ class Mamba2Mixer(nn.Module):
                 b, self.conv_dim, self.conv1d.kernel_size[0] - 1)
             conv_history = block_conv_histories(raw, start, block_states)
         else:
-            y, ssm_state = kernels.ssd_scan(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=keep_state)
+            y, ssm_state = mamba_scan(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=keep_state)
         return self._output(y, x, z, pad_mask, u.dtype), (conv_history, ssm_state) if keep_state else None
 
     def step(self, u: torch.Tensor, state: MambaState, pad_mask: torch.Tensor | None = None):
@@ -148,12 +148,12 @@ class Mamba2Mixer(nn.Module):
             pad_mask = pad_mask[:, -1]
             xBC = xBC * pad_mask[:, None].to(xBC.dtype)
         history, ssm_state = state
-        xBC, history = kernels.causal_conv_step(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, history)  # float32
+        xBC, history = mamba_conv_step(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, history)  # float32
         group_width = self.n_groups * self.state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
         x = x.view(b, self.num_heads, self.head_dim)
-        y, ssm_state = kernels.ssd_update(ssm_state, x, self._dt(dt, pad_mask), -torch.exp(self.A_log.float()),
-                                          B.view(b, self.n_groups, -1), C.view(b, self.n_groups, -1))
+        y, ssm_state = mamba_scan_step(ssm_state, x, self._dt(dt, pad_mask), -torch.exp(self.A_log.float()),
+                                       B.view(b, self.n_groups, -1), C.view(b, self.n_groups, -1))
         return self._output(y, x, z, pad_mask, u.dtype)[:, None], (history, ssm_state)
 
     def _output(self, y, x, z, pad_mask, dtype):

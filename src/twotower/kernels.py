@@ -87,7 +87,7 @@ def _conv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _channel_last(t: torch.Tensor) -> torch.Tensor:
     """[b, l, c] (any dtype) -> a float32 [b, c, l] view whose channels are contiguous: the layout in
-    which causal_conv1d_fn takes initial states and returns final ones."""
+    which causal_conv1d_fn takes initial states."""
     return torch.empty(t.shape, dtype=torch.float32, device=t.device).copy_(t).transpose(1, 2)
 
 
@@ -99,12 +99,14 @@ def mamba_conv(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tenso
         return causal_conv(x, weight, bias, history)
     kernel_calls["mamba_conv"] += 1
     b, l, c = x.shape
-    if history is None:
-        history = x.new_zeros(b, c, weight.shape[-1] - 1)
-    out, final = kernel_for("mamba_conv")(
+    k1 = weight.shape[-1] - 1
+    history = x.new_zeros(b, c, k1) if history is None else history.to(x.dtype)
+    out = kernel_for("mamba_conv")(
         _channel_last(x), weight.float().contiguous(), None if bias is None else bias.float().contiguous(),
-        initial_states=_channel_last(history.transpose(1, 2)), return_final_states=True, activation="silu")
-    return out.transpose(1, 2), final.to(x.dtype)
+        initial_states=_channel_last(history.transpose(1, 2)), activation="silu")
+    # the new history is the last K-1 raw inputs, taken here (as ours does) at any length, even below K-1
+    new_history = torch.cat([history, x.transpose(1, 2)], dim=-1)[:, :, -k1:].contiguous()
+    return out.transpose(1, 2), new_history
 
 
 @without_autocast

@@ -28,6 +28,16 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
         "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); nothing to check."]
 
 
+def test_gpu_check_kernels_part_reports_what_imports(tmp_path):
+    from twotower.kernels import MAMBA_KERNELS, kernels_available
+
+    out = tmp_path / "kernels.json"
+    proc = run_script("gpu_check.py", "--part", "kernels", "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["available"] == kernels_available() and set(result["available"]) == set(MAMBA_KERNELS)
+
+
 def test_bench_batch_on_cpu_at_a_tiny_setting(tmp_path):
     out = tmp_path / "batch.json"
     proc = run_script("bench_batch.py", "--batch-sizes", "1", "3", "--max-new-tokens", "2", "--repeats", "1",

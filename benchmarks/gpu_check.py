@@ -5,7 +5,8 @@ GPU in an error state) does not stop the others; each part's error is printed:
 
   tests       the key exactness tests on the GPU (TWOTOWER_TEST_DEVICE): backbone against
               transformers' logits, chunked scan against the recurrence, cached generation against
-              recompute-from-scratch in every mode, greedy speculative decoding against AR;
+              recompute-from-scratch in every mode, greedy speculative decoding against AR, and
+              each installed kernel against ours;
   two_tower   benchmarks/bench_two_tower.py on the GPU, float32 and bfloat16;
   batch       AR against diffusion tokens/s of the embedded model (benchmarks/bench_batch.py);
   kernels     which of the causal-conv1d / mamba-ssm kernels import, and, where any does, the
@@ -33,8 +34,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PART_LIMITS_S = {"tests": 200, "two_tower": 80, "batch": 110, "kernels": 60}
 EXACTNESS_TESTS = [
-    "tests/test_backbone.py", "tests/test_two_tower.py", "tests/test_speculative.py",
-    "-k", "matches_transformers or chunked_scan_equals or recompute_from_scratch or greedy_equals_ar",
+    "tests/test_backbone.py", "tests/test_two_tower.py", "tests/test_speculative.py", "tests/test_kernels.py",
+    "-k", "matches_transformers or chunked_scan_equals or recompute_from_scratch or greedy_equals_ar "
+          "or kernels_equal_ours",
 ]
 
 

@@ -84,3 +84,42 @@ def test_dispatched_functions_equal_ours_on_cpu():
     for got, want in zip(kernels.mamba_scan_step(state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0]),
                          ssd_step(state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("length", [1, 2, 9, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_equal_ours_on_the_device(device, length, dtype):
+    """Run by gpu_check (TWOTOWER_TEST_DEVICE=cuda) where causal-conv1d or mamba-ssm is installed:
+    each kernel against ours, at lengths below, around and above the conv width and the chunk."""
+    if device.type != "cuda" or not any(kernels.kernels_available().values()):
+        pytest.skip("needs TWOTOWER_TEST_DEVICE=cuda and causal-conv1d or mamba-ssm installed")
+    g = torch.Generator().manual_seed(length)
+    b, c, k, h, p, gr, n = 2, 96, 4, 4, 16, 2, 16
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    x, history = rand(b, length, c).to(dtype), rand(b, c, k - 1).to(dtype)
+    weight, bias = rand(c, k).to(dtype), rand(c).to(dtype)
+    xs, dt = rand(b, length, h, p), rand(b, length, h).abs() * 0.1
+    A, B, C, state = -rand(h).abs() * 2, rand(b, length, gr, n), rand(b, length, gr, n), rand(b, h, p, n, scale=10)
+    cases = [(kernels.mamba_conv, (x, weight, bias, None)), (kernels.mamba_conv, (x, weight, bias, history)),
+             (kernels.mamba_conv_step, (x[:, 0], weight, bias, history)),
+             (kernels.mamba_conv_step, (x[:, 0], weight, None, history)),
+             (kernels.mamba_scan, (xs, dt, A, B, C, 16, None)), (kernels.mamba_scan, (xs, dt, A, B, C, 16, state)),
+             (kernels.mamba_scan, (xs, dt, A, B, C, 16, state, False)),
+             (kernels.mamba_scan_step, (state, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0]))]
+    before = sum(kernels.kernel_calls.values())
+    with torch.no_grad():
+        for fn, args in cases:
+            with kernels.use_kernels(True):
+                fused = fn(*args)
+            with kernels.use_kernels(False):
+                ours = fn(*args)
+            for got, want in zip(fused, ours):
+                if want is None:
+                    assert got is None
+                    continue
+                assert got.dtype == want.dtype and got.shape == want.shape, fn.__name__
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=fn.__name__)
+    assert sum(kernels.kernel_calls.values()) > before  # some kernel ran

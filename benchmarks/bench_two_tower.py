@@ -8,7 +8,7 @@ of --repeats, the three measurements interleaved so machine drift hits all alike
   * advancing the context tower by one committed block of --block tokens.
 Targets: denoiser forward <= 2x a decode step; context advance <= 2x a decode step.
 
-    python benchmarks/bench_two_tower.py [--dtype float32 bfloat16] [--context 256] [--block 16]
+    python benchmarks/bench_two_tower.py [--dtype float32 bfloat16] [--context 256] [--block 16] [--device cpu]
 """
 
 from __future__ import annotations
@@ -37,23 +37,28 @@ def bench_config() -> TwoTowerConfig:
     return TwoTowerConfig(**BENCH_MODEL)
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device) -> float:
+    """Seconds `fn` takes, its queued device work included."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
 @torch.no_grad()
-def measure(dtype: torch.dtype, context_len: int, block: int, repeats: int) -> dict:
+def measure(dtype: torch.dtype, context_len: int, block: int, repeats: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
-    model = TwoTowerForCausalLM(bench_config()).eval().to(dtype)
-    prompt = torch.randint(4, 8192, (1, context_len))
+    device = torch.device(device)
+    model = TwoTowerForCausalLM(bench_config()).eval().to(device, dtype)
+    prompt = torch.randint(4, 8192, (1, context_len)).to(device)
     context = model.encode_context(prompt)
     x = torch.full((1, block), 3)
     x[0, : block // 2] = torch.randint(4, 8192, (block // 2,))
-    t = torch.tensor([0.5])
-    token = torch.randint(4, 8192, (1, 1))
-    committed = torch.randint(4, 8192, (1, block))
+    x, t = x.to(device), torch.tensor([0.5], device=device)
+    token = torch.randint(4, 8192, (1, 1)).to(device)
+    committed = torch.randint(4, 8192, (1, block)).to(device)
 
     def decode():
         cache = context.clone()
@@ -74,7 +79,7 @@ def measure(dtype: torch.dtype, context_len: int, block: int, repeats: int) -> d
         fn()
     for _ in range(repeats):
         for name, fn in (("decode", decode), ("denoise", denoise), ("advance", advance), ("clone", clone_only)):
-            runs[name].append(timed(fn))
+            runs[name].append(timed(fn, device))
     med = {k: statistics.median(v) for k, v in runs.items()}
     # decode and advance both clone the cache to stay repeatable; that copy is not part of the work
     med["decode"] -= med["clone"]
@@ -89,16 +94,17 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     add_malloc_option(p)
     args = p.parse_args()
     malloc = apply_malloc_option(args)
-    print(f"context {args.context} tokens, block {args.block}, medians of {args.repeats}, "
+    print(f"context {args.context} tokens, block {args.block}, medians of {args.repeats}, on {args.device}, "
           f"{torch.get_num_threads()} threads, malloc {malloc}\n")
     print("| dtype | tower params | AR decode step (ms) | denoiser block forward (ms) | ratio | "
           "context advance by a block (ms) | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name in args.dtype:
-        r = measure(getattr(torch, name), args.context, args.block, args.repeats)
+        r = measure(getattr(torch, name), args.context, args.block, args.repeats, args.device)
         print(f"| {name} | {r['params'] / 1e6:.1f}M | {r['decode'] * 1e3:.2f} | {r['denoise'] * 1e3:.2f} | "
               f"{r['denoise'] / r['decode']:.2f}x | {r['advance'] * 1e3:.2f} | {r['advance'] / r['decode']:.2f}x |")
 

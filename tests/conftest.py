@@ -155,6 +155,20 @@ def make_tiny_model_dir(folder, vocab_size: int = 384, seed: int = 0, pattern: s
     return folder
 
 
+def requested_device() -> torch.device:
+    """Where the exactness tests that take the `device` fixture run: $TWOTOWER_TEST_DEVICE (cpu,
+    cuda, cuda:1, ...), cpu when unset. benchmarks/gpu_check.py runs them on a GPU this way."""
+    device = torch.device(os.environ.get("TWOTOWER_TEST_DEVICE") or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"TWOTOWER_TEST_DEVICE={device} but torch sees no CUDA device")
+    return device
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return requested_device()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Two shared cores: one intra-op thread for a module's servers, so spinning threads do not fight."""

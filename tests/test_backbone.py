@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import transformers
 
 from conftest import randomize, tiny_config
-from twotower import NemotronHForCausalLM, nemotron_3_nano_30b_config
+from twotower import NemotronHForCausalLM, kernels, nemotron_3_nano_30b_config
 from twotower.config import NemotronHConfig
 from twotower.hub import to_transformers_layout
 from twotower.linear import Linear, split_linear
@@ -41,20 +41,22 @@ def to_transformers(model):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("n_group", [1, 2])
-def test_full_forward_matches_transformers(pattern, n_group):
+def test_full_forward_matches_transformers(pattern, n_group, device):
     model = build(pattern, seed=len(pattern) + n_group, n_group=n_group, topk_group=1)
-    hf = to_transformers(model)
-    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
+    hf = to_transformers(model).to(device)
+    model = model.to(device)
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         ours, theirs = model(ids).logits, hf(ids).logits
     assert (ours - theirs).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_cached_decoding_matches_transformers(pattern):
+def test_cached_decoding_matches_transformers(pattern, device):
     model = build(pattern, seed=3)
-    hf = to_transformers(model)
-    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(2))
+    hf = to_transformers(model).to(device)
+    model = model.to(device)
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         cache = model.new_cache()
         ours = [model(ids[:, :9], past_key_values=cache).logits[:, -1]]
@@ -210,7 +212,7 @@ def explicit_recurrence(x, dt, A, B, C, state):
 
 @pytest.mark.parametrize("length,chunk", [(1, 8), (7, 8), (16, 8), (37, 8), (20, 128)])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_chunked_scan_equals_sequential_recurrence(length, chunk, with_state):
+def test_chunked_scan_equals_sequential_recurrence(length, chunk, with_state, device):
     g = torch.Generator().manual_seed(length)
     b, h, p, n, groups = 2, 4, 3, 5, 2
     x = torch.randn(b, length, h, p, generator=g)
@@ -218,13 +220,15 @@ def test_chunked_scan_equals_sequential_recurrence(length, chunk, with_state):
     A = -torch.rand(h, generator=g) * 2
     B, C = torch.randn(b, length, groups, n, generator=g), torch.randn(b, length, groups, n, generator=g)
     init = torch.randn(b, h, p, n, generator=g) * 10 if with_state else torch.zeros(b, h, p, n)
+    y3, s3 = explicit_recurrence(x, dt, A, B, C, init)  # the reference, on the CPU
+    x, dt, A, B, C, init = (t.to(device) for t in (x, dt, A, B, C, init))
     y1, s1 = ssd_chunked(x, dt, A, B, C, chunk, init if with_state else None)
     y2, s2 = ssd_sequential(x, dt, A, B, C, init)
-    y3, s3 = explicit_recurrence(x, dt, A, B, C, init)
-    assert (y1 - y3).abs().max() <= 1e-4 and (s1 - s3).abs().max() <= 1e-4
-    assert (y2 - y3).abs().max() <= 1e-4 and (s2 - s3).abs().max() <= 1e-4
+    y5, s5 = kernels.mamba_scan(x, dt, A, B, C, chunk, init if with_state else None)  # the CUDA kernel where installed
+    for y, s in ((y1, s1), (y2, s2), (y5, s5)):
+        assert (y.cpu() - y3).abs().max() <= 1e-4 and (s.cpu() - s3).abs().max() <= 1e-4
     y4, s4 = ssd_chunked(x, dt, A, B, C, chunk, init if with_state else None, states=None)
-    assert s4 is None and (y4 - y3).abs().max() <= 1e-4  # outputs alone (the denoiser's use)
+    assert s4 is None and (y4.cpu() - y3).abs().max() <= 1e-4  # outputs alone (the denoiser's use)
 
 
 def test_chunked_scan_gradients_equal_sequential_recurrence():

@@ -112,9 +112,9 @@ def ragged_prompts(seed, lengths=(3, 7, 1, 5), vocab_size=12):
 
 @pytest.mark.parametrize("pattern", ["M*EM-E*M", "*E", "M-"])
 @pytest.mark.parametrize("block_size,draft_steps", [(1, 1), (2, 3), (5, 2), (8, 1), (8, 3)])
-def test_greedy_equals_ar_token_for_token(pattern, block_size, draft_steps):
-    model = small_vocab_model(pattern)
-    ids, mask = ragged_prompts(block_size)
+def test_greedy_equals_ar_token_for_token(pattern, block_size, draft_steps, device):
+    model = small_vocab_model(pattern).to(device)
+    ids, mask = (None if t is None else t.to(device) for t in ragged_prompts(block_size))
     kw = dict(attention_mask=mask, max_new_tokens=19)
     ar = model.generate_ar(ids, **kw)
     spec = model.generate_speculative(ids, block_size=block_size, draft_steps=draft_steps,

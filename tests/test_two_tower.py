@@ -42,12 +42,20 @@ def model():
     return build(seed=1)
 
 
+@pytest.fixture(scope="module")
+def model_on_device(device):
+    """The same model on the tests' device (conftest.requested_device)."""
+    return build(seed=1).to(device)
+
+
 # ---------------------------------------------------------------- exactness of the caches
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("prompt_len,block_size", [(1, 4), (3, 1), (6, 16), (21, 4), (11, 5), (2, 6)])
-def test_cached_generation_equals_recompute_from_scratch(model, mode, prompt_len, block_size):
+def test_cached_generation_equals_recompute_from_scratch(model_on_device, mode, prompt_len, block_size):
+    model = model_on_device
     ids = torch.randint(4, 97, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    ids = ids.to(model.context_device)
     n = 3 * block_size + 1 if mode == "diffusion" else 9
     kw = dict(max_new_tokens=n, block_size=block_size, steps_per_block=block_size)
     cached = run_mode(model, mode, ids, **kw)

@@ -1,6 +1,7 @@
 """The Mamba-2 mixer of NemotronH (Dao and Gu 2024, "Transformers are SSMs", arXiv:2405.21060;
 mamba's `mamba_ssm/modules/mamba2.py` and transformers' `modeling_nemotron_h.py` hold the same
-computation)."""
+computation). Its conv and scan run through `kernels.py`, which uses the fused CUDA kernels where
+installed."""
 
 from __future__ import annotations
 
@@ -10,32 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import mamba_conv, mamba_conv_step, mamba_scan, mamba_scan_step
 from .linear import Linear
 from .norm import GatedRMSNorm
-from .ssd import ssd_chunked, ssd_state_after, ssd_step
+from .ssd import ssd_chunked, ssd_state_after
 
 MambaState = tuple[torch.Tensor, torch.Tensor]  # (conv [b, conv_dim, K-1], ssm [b, h, p, n] float32)
-
-
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias, history: torch.Tensor | None):
-    """Depthwise causal conv over time, then SiLU, in float32.
-
-    x [b, l, c] raw inputs; weight [c, K]; history [b, c, K-1] the previous K-1 raw inputs (zeros
-    for a fresh sequence). Returns (out [b, l, c] float32, new history [b, c, K-1] in x's dtype).
-
-    K multiply-adds over time-major slices in float32, like the kernels' accumulator. The output
-    stays float32 for the scan, which works in float32: no rounding to x's dtype and back; faster
-    than the conv kernel on CPUs (measured in the README's Performance section).
-    """
-    l, k = x.shape[1], weight.shape[-1]
-    history = x.new_zeros(x.shape[0], x.shape[2], k - 1) if history is None else history.to(x.dtype)
-    seq = torch.cat([history.transpose(1, 2), x], dim=1)  # [b, K-1+l, c]
-    new_history = seq[:, l:].transpose(1, 2).contiguous()
-    seq, w = seq.float(), weight.float().T.contiguous()  # w [K, c]
-    out = seq[:, :l] * w[0] if bias is None else torch.addcmul(bias.float(), seq[:, :l], w[0])
-    for i in range(1, k):
-        out.addcmul_(seq[:, i:i + l], w[i])
-    return F.silu(out, inplace=True), new_history
 
 
 def block_conv_histories(raw: torch.Tensor, history: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -136,7 +117,7 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * pad_mask[..., None].to(xBC.dtype)
         conv_history, ssm_state = state if state is not None else (None, None)
         raw, history_before = xBC, conv_history
-        xBC, conv_history = causal_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_history)
+        xBC, conv_history = mamba_conv(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_history)
         group_width = self.n_groups * self.state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
         dt = self._dt(dt, pad_mask)
@@ -145,7 +126,7 @@ class Mamba2Mixer(nn.Module):
         B = B.reshape(b, l, self.n_groups, self.state_size)
         C = C.reshape(b, l, self.n_groups, self.state_size)
         if tentative:
-            y, _ = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state, states=None)
+            y, _ = mamba_scan(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=False)
             if history_before is None:
                 history_before = torch.zeros_like(conv_history)
             return self._output(y, x, z, pad_mask, u.dtype), MambaChunk(history_before, raw, x, dt, B, A, ssm_state)
@@ -155,8 +136,7 @@ class Mamba2Mixer(nn.Module):
                 b, self.conv_dim, self.conv1d.kernel_size[0] - 1)
             conv_history = block_conv_histories(raw, start, block_states)
         else:
-            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state,
-                                       states="final" if keep_state else None)
+            y, ssm_state = mamba_scan(x, dt, A, B, C, self.chunk_size, ssm_state, final_state=keep_state)
         return self._output(y, x, z, pad_mask, u.dtype), (conv_history, ssm_state) if keep_state else None
 
     def step(self, u: torch.Tensor, state: MambaState, pad_mask: torch.Tensor | None = None):
@@ -168,15 +148,13 @@ class Mamba2Mixer(nn.Module):
             pad_mask = pad_mask[:, -1]
             xBC = xBC * pad_mask[:, None].to(xBC.dtype)
         history, ssm_state = state
-        window = torch.cat([history.to(xBC.dtype), xBC[:, :, None]], dim=-1)  # [b, conv_dim, K]
-        xBC = (window.float() * self.conv1d.weight[:, 0].float()).sum(-1)
-        xBC = F.silu(xBC if self.conv1d.bias is None else xBC + self.conv1d.bias.float())  # float32, as in forward
+        xBC, history = mamba_conv_step(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, history)  # float32
         group_width = self.n_groups * self.state_size
         x, B, C = xBC.split([self.intermediate_size, group_width, group_width], dim=-1)
         x = x.view(b, self.num_heads, self.head_dim)
-        y, ssm_state = ssd_step(ssm_state, x, self._dt(dt, pad_mask), -torch.exp(self.A_log.float()),
-                                B.view(b, self.n_groups, -1), C.view(b, self.n_groups, -1))
-        return self._output(y, x, z, pad_mask, u.dtype)[:, None], (window[:, :, 1:], ssm_state)
+        y, ssm_state = mamba_scan_step(ssm_state, x, self._dt(dt, pad_mask), -torch.exp(self.A_log.float()),
+                                       B.view(b, self.n_groups, -1), C.view(b, self.n_groups, -1))
+        return self._output(y, x, z, pad_mask, u.dtype)[:, None], (history, ssm_state)
 
     def _output(self, y, x, z, pad_mask, dtype):
         """D skip, gated norm, zeros at padding, out_proj. y, x [..., h, p]; z [..., d_inner];

@@ -55,4 +55,4 @@ def test_bench_two_tower_on_cpu_at_a_tiny_setting():
     proc = run_script("bench_two_tower.py", "--device", "cpu", "--dtype", "float32", "--context", "8", "--block", "4",
                       "--repeats", "1")
     assert proc.returncode == 0, proc.stderr
-    assert "on cpu" in proc.stdout and "| float32 | 23.9M |" in proc.stdout
+    assert "on cpu" in proc.stdout and "| float32 | eager | 23.9M |" in proc.stdout

@@ -113,10 +113,11 @@ def load_prompts(model_dir: Path, prompts_file: str | Path | None = None) -> tup
 
 def _warm_up(model, tokenizer, prompt: str, settings: list[Setting]) -> None:
     """One short untimed generation per mode, so one-time start-up costs land on no setting; on the
-    compiled path (`twotower.compiled`) one per mode and block size, each of which compiles."""
+    compiled path (`twotower.compiled`) one per mode and block size, two blocks long (the second
+    advances the context by a block), each of which compiles."""
     key = (lambda s: (s.mode, s.block_size)) if is_compiled(model) else (lambda s: s.mode)
     for s in {key(s): s for s in settings}.values():
-        run_generation(model, tokenizer, [prompt], s.mode, s.block_size or 2, **s.kwargs())
+        run_generation(model, tokenizer, [prompt], s.mode, 2 * (s.block_size or 1), **s.kwargs())
 
 
 def run_bench(model, tokenizer, stories: list[str], tasks: list[Task], settings: list[Setting],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PART_LIMITS_S = {"tests": 200, "two_tower": 150, "batch": 90, "kernels": 60}
+TOTAL_LIMIT_S = 450  # all parts together: a part gets the smaller of its own limit and what is left
 EXACTNESS_TESTS = [
     "tests/test_backbone.py", "tests/test_two_tower.py", "tests/test_speculative.py", "tests/test_kernels.py",
     "-k", "matches_transformers or chunked_scan_equals or recompute_from_scratch or greedy_equals_ar "
@@ -136,24 +138,31 @@ def part_kernels(device: str) -> dict:
     return result
 
 
-PARTS = {"tests": part_tests, "two_tower": part_two_tower, "batch": part_batch, "kernels": part_kernels}
+# the longest-running part last, so that the overall limit cuts the least
+PARTS = {"tests": part_tests, "kernels": part_kernels, "batch": part_batch, "two_tower": part_two_tower}
 
 
 # ---------------------------------------------------------------- running them
 
-def run_part(name: str, device: str) -> dict:
-    """Run one part in a child process; its result, or its error and the tail of its output."""
+def run_part(name: str, device: str, limit_s: float | None = None) -> dict:
+    """Run one part in a child process (at most `limit_s`, by default the part's own limit); its
+    result, or its error and the tail of its output."""
+    limit_s = PART_LIMITS_S[name] if limit_s is None else limit_s
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "part.json"
         start = time.perf_counter()
+        # a session of its own, so that a part over its limit is ended with everything it started
+        proc = subprocess.Popen([sys.executable, __file__, "--part", name, "--device", device, "--out", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run([sys.executable, __file__, "--part", name, "--device", device, "--out", str(out)],
-                                  capture_output=True, text=True, timeout=PART_LIMITS_S[name])
+            stdout, stderr = proc.communicate(timeout=limit_s)
         except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"over its {PART_LIMITS_S[name]} s limit", "seconds": PART_LIMITS_S[name]}
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return {"ok": False, "error": f"over its {limit_s:.0f} s limit", "seconds": limit_s}
         seconds = time.perf_counter() - start
         if proc.returncode != 0 or not out.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+            tail = (stderr or stdout).strip().splitlines()[-15:]
             last = tail[-1][:200] if tail else "no output"
             return {"ok": False, "error": f"exit status {proc.returncode}: {last}", "output": tail, "seconds": seconds}
         return {**json.loads(out.read_text()), "seconds": seconds}
@@ -202,10 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); nothing to check.")
         return 0
     print(f"gpu_check on {torch.cuda.get_device_name(args.device)}, torch {torch.__version__}", flush=True)
-    results = {}
+    results, start = {}, time.perf_counter()
     for name in args.parts:
-        print(f"running {name} (limit {PART_LIMITS_S[name]} s) ...", flush=True)
-        results[name] = run_part(name, args.device)
+        limit_s = min(PART_LIMITS_S[name], TOTAL_LIMIT_S - (time.perf_counter() - start))
+        if limit_s < 10:
+            results[name] = {"ok": False, "error": f"not run: the {TOTAL_LIMIT_S} s for all parts are spent"}
+            print(f"{name}: {results[name]['error']}", flush=True)
+            continue
+        print(f"running {name} (limit {limit_s:.0f} s) ...", flush=True)
+        results[name] = run_part(name, args.device, limit_s)
         if "error" in results[name]:
             print(f"{name} failed: {results[name]['error']}", *results[name].get("output", []), sep="\n  ", flush=True)
     print()

@@ -69,8 +69,11 @@ def use_kernels(enabled: bool):
 
 def kernel_or_ours(operation: str, *tensors: torch.Tensor | None) -> str:
     """"kernel" where `operation`'s kernel can run on these tensors (its package imports, all are on
-    CUDA, kernels are allowed), else "ours". The functions below add their kernel's own limits
-    (the conv's width and channels; no gradients through the step kernels)."""
+    CUDA, kernels are allowed, and torch.compile is not tracing: a compiled graph makes its own
+    kernels from ours), else "ours". The functions below add their kernel's own limits (the conv's
+    width and channels; no gradients through the step kernels)."""
+    if torch.compiler.is_compiling():
+        return "ours"
     tensors = [t for t in tensors if t is not None]
     on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
     return "kernel" if _enabled and on_cuda and kernel_for(operation) is not None else "ours"

@@ -53,9 +53,12 @@ def models():
 def test_compiled_generation_gives_the_eager_tokens(models, mode):
     eager, fast = models
     ids, mask = ragged_batch([5, 9])
-    want = run_mode(eager, mode, ids, 12, attention_mask=mask, block_size=BLOCK)
+    want = run_mode(eager, mode, ids, 12, attention_mask=mask, block_size=BLOCK, return_dict_in_generate=True)
     got = run_mode(fast, mode, ids, 12, attention_mask=mask, block_size=BLOCK, return_dict_in_generate=True)
-    assert torch.equal(got.sequences, want)
+    assert torch.equal(got.sequences, want.sequences)
+    if mode == "speculative":  # drafted and accepted as counted on the eager path
+        assert [(r.drafted, r.accepted_per_round) for r in got.stats.speculation] == \
+            [(r.drafted, r.accepted_per_round) for r in want.stats.speculation]
 
 
 @needs_compiler

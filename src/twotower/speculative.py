@@ -213,9 +213,10 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 1
         if not bool(going.any()):
             break
         rows, pending = rows.select(going), pending[going]
-        length = min(diffusion.block_size, int((max_new_tokens - done.counts[rows.index]).max()))
-        if is_compiled(model):  # one shape for every round, so one graph: a short last round drafts a whole block
-            length = diffusion.block_size
+        useful = min(diffusion.block_size, int((max_new_tokens - done.counts[rows.index]).max()))
+        # the compiled path keeps one shape for every round, so one graph: a short last round drafts a
+        # whole block, and the statistics count what the eager path drafts
+        length = diffusion.block_size if is_compiled(model) else useful
         context, _ = model._context_for(rows, rows.seq.shape[1], use_cache, stats)
         on_denoiser = context.to(model.denoiser_device)
 
@@ -241,8 +242,8 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 1
             context.keep_prefixes(kept)
         rows.keep_prefixes(block, kept, run.pad_token_id)
         for r, k in zip(rows.index.tolist(), kept.tolist()):
-            stats.speculation[r].drafted += length - 1
-            stats.speculation[r].accepted_per_round.append(k - 1)
+            stats.speculation[r].drafted += useful - 1
+            stats.speculation[r].accepted_per_round.append(min(k, useful) - 1)
         done.add(rows.index, [block[i, 1:k].tolist() + [int(pending[i])] for i, k in enumerate(kept.tolist())])
         round_index += 1
     return finish_generation(input_ids, done.result(), run)

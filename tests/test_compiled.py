@@ -127,3 +127,27 @@ def test_in_graph_expert_mix_matches_the_eager_dispatch(tokens, bias):
         want = grouped_mix(moe.experts, flat, ids, weights)
         got = dense_mix(moe.experts, flat, ids, weights)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_experts_are_the_same_parameters_and_stay_packed(tmp_path):
+    model = two_tower(seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compile_for_decoding(model)  # packs every MoE layer's experts
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert moes and all(m.packed_is_current() for m in moes)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    up = moes[0].packed[0]
+    assert all(torch.equal(up[e], expert.up_proj.weight) for e, expert in enumerate(moes[0].experts))
+    with torch.no_grad():  # an in-place update (an optimizer step, load_state_dict) reaches the packed form
+        moes[0].experts[3].up_proj.weight.add_(1.0)
+    assert torch.equal(up[3], moes[0].experts[3].up_proj.weight)
+    model.save_pretrained(tmp_path)  # views of one tensor are written as separate tensors
+    loaded = TwoTowerForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    model.to(torch.bfloat16)  # new parameter tensors: packed again
+    assert all(m.packed_is_current() and m.packed[0].dtype == torch.bfloat16 for m in moes)
+    moes[1].experts[0].up_proj.weight = torch.nn.Parameter(torch.zeros_like(moes[1].experts[0].up_proj.weight))
+    assert not moes[1].packed_is_current()
+    model.generate_ar(torch.tensor([[5, 6]]), max_new_tokens=1)  # a generate call on the compiled path repacks
+    assert moes[1].packed_is_current() and not moes[1].packed[0][0].any()

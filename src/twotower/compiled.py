@@ -87,12 +87,18 @@ def plain_inputs(states: list, kinds, mask):
 
 def compile_for_decoding(model: nn.Module) -> nn.Module:
     """Switch the compiled path on for `model`: every submodule whose class lists methods in
-    `compiled_methods` gets them compiled. Compilation itself happens at a function's first call
-    (and for each new batch size or block size). Idempotent; returns the model."""
+    `compiled_methods` gets them compiled, and every MoE layer with at most `DENSE_MAX_EXPERTS`
+    experts stacks their weights (`moe.MoE.pack_experts`). Compilation itself happens at a
+    function's first call (and for each new batch size or block size). Idempotent (a generate call
+    with the compiled path on runs it again, which repacks any MoE whose parameters were
+    replaced); returns the model."""
     for module in model.modules():
         names = getattr(type(module), "compiled_methods", ())
         if names and module not in _COMPILED:
             _COMPILED[module] = {name: CompiledFunction(getattr(type(module), name)) for name in names}
+        experts = getattr(module, "experts", None)
+        if hasattr(module, "pack_experts") and len(experts) <= DENSE_MAX_EXPERTS and not module.packed_is_current():
+            module.pack_experts()  # the MoE reads its experts' stacked weights in the graph
     return model
 
 

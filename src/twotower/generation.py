@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compiled import compile_for_decoding, compile_seconds
+from .compiled import compile_for_decoding, compile_seconds, is_compiled
 from .params import GenerateOptions, SamplingParams, generation_settings, split_settings
 from .sampler import sample_next
 
@@ -190,7 +190,7 @@ def start_run(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     validate_prompt(input_ids, config.vocab_size, attention_mask, forbidden_id)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if options.compile:
+    if options.compile or is_compiled(model):  # on, and with any replaced MoE weights packed again
         compile_for_decoding(model)
     stats = options.stats if options.stats is not None else GenerationStats()
     run = Run(sampling.for_call(), options, stats, time.perf_counter(), config.pad_token_id or 0, model,

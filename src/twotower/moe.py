@@ -72,13 +72,13 @@ def _stacked(experts, name: str):
     return torch.stack([p.weight for p in projections]), bias
 
 
-def dense_mix(experts, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def dense_mix(experts, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, packed=None) -> torch.Tensor:
     """sum_j w_j * expert_{id_j}(x) for tokens flat [t, d] as one graph whatever the routing, for
-    the compiled path (`twotower.compiled`): batched products over the experts' stacked weights,
-    of the chosen experts only when the t * k choices are fewer than the experts (a decoding step),
-    else of every expert on every token, weighted by its routing weight (0 where not chosen).
-    -> float32 [t, d]."""
-    (up, up_bias), (down, down_bias) = _stacked(experts, "up_proj"), _stacked(experts, "down_proj")
+    the compiled path (`twotower.compiled`): batched products over the experts' stacked weights
+    (`packed`, from `MoE.pack_experts`, else stacked here), of the chosen experts only when the
+    t * k choices are fewer than the experts (a decoding step), else of every expert on every token,
+    weighted by its routing weight (0 where not chosen). -> float32 [t, d]."""
+    up, up_bias, down, down_bias = packed or (*_stacked(experts, "up_proj"), *_stacked(experts, "down_proj"))
     t, k = ids.shape
     if t * k < len(experts):
         chosen = ids.flatten()
@@ -137,9 +137,43 @@ class MoE(nn.Module):
         )
         self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size, config.mlp_bias)
 
+    packed = None  # (up [E, f, d], up bias, down [E, d, f], down bias) once `pack_experts` ran
+
+    def pack_experts(self) -> None:
+        """Stack each projection's expert weights into one tensor and make every expert's parameters
+        views of it: the same parameters, names and memory, with the stacked form at hand for the
+        compiled path, which gathers the chosen experts from it (stacking them anew in a graph would
+        read and write every expert's weights at every step). Parameters updated in place stay
+        packed; `_apply` (`.to()`, `.half()`) packs again; `compiled.compile_for_decoding` packs,
+        and repacks a layer whose parameters were replaced."""
+        with torch.no_grad():
+            stacked = {name: _stacked(self.experts, name) for name in ("up_proj", "down_proj")}
+            for e, expert in enumerate(self.experts):
+                for name, (weight, bias) in stacked.items():
+                    getattr(expert, name).weight.data = weight[e]
+                    if bias is not None:
+                        getattr(expert, name).bias.data = bias[e]
+        self.packed = (*stacked["up_proj"], *stacked["down_proj"])
+
+    def packed_is_current(self) -> bool:
+        """Whether every expert's weight is still its view of the packed tensors."""
+        if self.packed is None:
+            return False
+        up, down = self.packed[0], self.packed[2]
+        return all(expert.up_proj.weight.data_ptr() == up[e].data_ptr()
+                   and expert.down_proj.weight.data_ptr() == down[e].data_ptr() for e, expert in enumerate(self.experts))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.packed is not None:  # the parameters are new tensors now
+            self.pack_experts()
+        return self
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         flat = u.reshape(-1, u.shape[-1])
         ids, weights = self.gate(flat)
-        in_graph = torch.compiler.is_compiling() and len(self.experts) <= DENSE_MAX_EXPERTS
-        routed = (dense_mix if in_graph else grouped_mix)(self.experts, flat, ids, weights)
+        if torch.compiler.is_compiling() and len(self.experts) <= DENSE_MAX_EXPERTS:
+            routed = dense_mix(self.experts, flat, ids, weights, self.packed)
+        else:
+            routed = grouped_mix(self.experts, flat, ids, weights)
         return (routed.to(u.dtype) + self.shared_experts(flat)).view_as(u)

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .cache import HybridCache
-from .compiled import compiled_version, plain, plain_inputs
+from .compiled import compiled_version, is_compiled, plain, plain_inputs
 from .config import NemotronHConfig
 from .generation import (GenerationStats, decode_ar, finish_generation, refuse_step_callback, start_run,
                          streamed_part, transformers_generate)
@@ -313,10 +313,23 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         for blk in range(num_blocks):
             context, _ = self._context_for(rows, rows.seq.shape[1], options.use_cache, stats)
             context = context.to(self.denoiser_device)  # the context crosses devices once per block
+            of_rows = {}  # the context of the rows still denoising, per set of such rows
+            fixed_batch = is_compiled(self)  # the compiled graphs keep one batch size
 
             def denoise(x, t):
+                """Logits at the masked positions; eagerly, a row that committed its whole block sits
+                out the step (it has no masked position to predict), so a batch's later steps cost
+                what the rows still denoising cost."""
                 stats.denoiser_forwards += 1
-                return self.denoise_block(x, t, context, positions=x == mask_id)
+                masked = x == mask_id
+                going = masked.any(-1)
+                if fixed_batch or bool(going.all()):
+                    return self.denoise_block(x, t, context, positions=masked)
+                key = tuple(going.tolist())
+                if key not in of_rows:
+                    of_rows.clear()
+                    of_rows[key] = context.select(going)
+                return self.denoise_block(x[going], t[going], of_rows[key], positions=masked[going])
 
             def on_step(step, x, committed):
                 if options.step_callback is not None:

@@ -10,7 +10,11 @@ the two models; every figure is a median. Threads and OpenMP settings are torch'
 user gets (set OMP_NUM_THREADS or OMP_WAIT_POLICY to measure others); run it on an otherwise idle
 machine. Prints a Markdown table.
 
-    python benchmarks/bench_backbone.py [--runs 5] [--breakdown] [--default-malloc]
+With --compile both models decode compiled: ours on `twotower.compiled`'s path (its decoding
+steps; a prefill stays eager), transformers' with its forward through `torch.compile` (dynamic
+shapes). Their compilation happens in the untimed warm-up.
+
+    python benchmarks/bench_backbone.py [--runs 5] [--breakdown] [--default-malloc] [--compile]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import transformers
 
 from twotower import NemotronHConfig, NemotronHForCausalLM
+from twotower.compiled import compile_for_decoding
 from twotower.cpu_memory import add_malloc_option, apply_malloc_option
 
 PROMPT, DECODE_PROMPT, NEW_TOKENS = 512, 32, 64
@@ -116,6 +121,9 @@ def breakdown(model, fn, ids) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help="decode compiled: ours on twotower.compiled's path, transformers' forward through "
+                             "torch.compile")
     parser.add_argument("--breakdown", action="store_true",
                         help="also profile our prefill and decode: matrix products, attention, other operators")
     add_malloc_option(parser)
@@ -136,6 +144,9 @@ def main():
         for dtype in (torch.float32, torch.bfloat16):
             name = str(dtype).removeprefix("torch.")
             ours, theirs = load_pair(folder, dtype)
+            if args.compile:
+                compile_for_decoding(ours)
+                theirs.forward = torch.compile(theirs.forward, dynamic=True)
             logits = {"ours": forward(ours, long_ids).float(), "transformers": forward(theirs, long_ids).float()}
             gap = (logits["ours"] - logits["transformers"]).abs()
             same = torch.equal(decode(ours, short_ids), decode(theirs, short_ids))
@@ -161,7 +172,8 @@ def main():
                           f"{ms['attention']:.1f} ms, other operators {ms['other']:.1f} ms; {target}x transformers "
                           f"allows {theirs_s * 1e3 / target:.1f} ms in all")
 
-    print(f"\n{n_params / 1e6:.1f}M parameters, pattern {model.config.layer_kinds}, {torch.get_num_threads()} "
+    print(f"\n{n_params / 1e6:.1f}M parameters, pattern {model.config.layer_kinds}, "
+          f"{'both compiled, ' if args.compile else ''}{torch.get_num_threads()} "
           f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, malloc {malloc}, "
           f"median of {args.runs} runs; "
           f"tokens/s\n")

@@ -34,10 +34,18 @@ def test_version_and_help(capsys):
     assert main(["no-such-command"]) == 2
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A suite started in the background of a non-interactive shell (`pytest &`) ignores SIGINT, and a
+    Python started with SIGINT ignored never turns it into KeyboardInterrupt: the child gets the
+    default disposition, as a command typed in a terminal has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_without_a_traceback():
     process = subprocess.Popen([sys.executable, "-m", "twotower.cli", "generate", PROMPT, "--mode", "ar",
                                 "--max-new-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=_sigint_as_in_a_terminal)
     try:
         assert process.stdout.read(len(PROMPT)) == PROMPT  # generating now
         time.sleep(0.5)

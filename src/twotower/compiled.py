@@ -11,16 +11,18 @@ At the embedded model's size such a call is hundreds of small operations, so it 
 cost of launching them, not by arithmetic. `compile_for_decoding(model)` compiles both (gpt-fast
 compiles its decode step the same way): inductor fuses the element-wise work between the matrix
 products into generated C++/OpenMP kernels on CPU and Triton kernels on GPU, and the call runs as
-one graph. Shapes are dynamic: the context length (K/V, attention masks) is symbolic, so a new
-prompt length or a longer context never compiles again; a new batch size, block size or mode
-compiles once more. A prompt's prefill and anything with gradients stay eager.
+one graph. Shapes are static but for the context length: the callers mark the keys' axis of the
+attention K/V and masks dynamic (`plain_inputs`), so a new prompt length or a longer context never
+compiles again; a new batch size, block size, mode or dtype compiles once more. A prompt's prefill
+and anything with gradients stay eager.
 
 The compiled path computes the same function (tests compare it with the eager one). Where it
 differs in how:
 * MoE: a graph cannot depend on which experts the tokens chose. With at most `DENSE_MAX_EXPERTS`
-  experts every expert runs on every token, weighted by its routing weight (0 where not chosen)
-  and summed in expert order, as the eager path sums; with more, the dispatch to experts runs
-  eagerly between graphs (`moe.MoE.forward`).
+  experts, the layer keeps its experts' weights stacked (`moe.MoE.pack_experts`) and the graph
+  gathers the chosen experts (fewer choices than experts: a decoding step) or runs every expert on
+  every token, weighted 0 where not chosen (`moe.dense_mix`); with more experts, the dispatch to
+  experts runs eagerly between graphs.
 * `linear.Linear` is plain `F.linear` there: inductor chooses how to run a product.
 """
 
@@ -44,7 +46,8 @@ def _graphs_compiled() -> int:
 
 class CompiledFunction:
     """`fn(module, *args)` compiled. `compile_seconds`: the wall time of the calls that compiled a
-    new graph (the compilation and that call's run). Inputs go through `plain_inputs` first."""
+    new graph (the compilation and that call's run). Callers pass their inputs through `plain` and
+    `plain_inputs`."""
 
     def __init__(self, fn):
         self.fn = torch.compile(fn, dynamic=False)

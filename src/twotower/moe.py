@@ -125,7 +125,7 @@ class MoE(nn.Module):
     """forward(u [b, l, d]) -> [b, l, d]: sum_j w_j * expert_{id_j}(u) + shared_expert(u).
 
     Eagerly the experts run on the tokens that chose them (`grouped_mix`); compiled, with few
-    experts, every expert runs as part of the graph (`dense_mix`).
+    experts, the graph mixes them from their stacked weights (`dense_mix`, `pack_experts`).
     """
 
     def __init__(self, config):

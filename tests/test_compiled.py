@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +18,10 @@ from twotower.compiled import compile_for_decoding, compile_seconds, is_compiled
 from twotower.modes import MODES, run_mode
 from twotower.moe import MoE, dense_mix, grouped_mix
 
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                    reason="torch.compile on CPU needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(
+    (shutil.which("g++") is None and shutil.which("c++") is None)
+    or not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists(),
+    reason="torch.compile on CPU builds C++ extensions: it needs a C++ compiler and Python's headers")
 
 BLOCK = 4
 

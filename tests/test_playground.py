@@ -78,6 +78,8 @@ def test_the_page_and_its_files_are_served_same_origin_only(server):
         r = httpx.get(f"{server}/static/{name}")
         assert r.status_code == 200 and "//" not in r.text.replace("// ", "")
     assert httpx.get(server + "/static/../serve.py").status_code == 404
+    unlisted = httpx.get(server + "/static/index.html")  # a file of the folder that is not served as static
+    assert unlisted.status_code == 404 and unlisted.json()["error"]["code"] == "not_found"
     options = httpx.get(server + "/playground.json").json()
     assert {"diffusion", "ar", "mock-ar"} <= set(options["modes"]) and "confidence" in options["unmasking"]
 

@@ -222,11 +222,11 @@ def test_a_connection_without_a_whole_request_in_time_is_closed(quick_to_close, 
 def test_foreign_hosts_and_origins_are_refused(keyless, embedded):
     url, _, _, http = keyless
     r = http.post(C, json={"prompt": "Hi", "max_tokens": 1}, headers={"Host": "rebound.example:80"})
-    assert_openai_error(r, 403)["code"] == "host_not_allowed"
+    assert assert_openai_error(r, 403)["code"] == "host_not_allowed"
     assert_openai_error(http.get("/health", headers={"Host": "rebound.example"}), 403)
     r = http.post(C, content=b'{"prompt": "Hi", "max_tokens": 1}',  # what a cross-site form or fetch sends
                   headers={"Content-Type": "text/plain", "Origin": "https://attacker.example"})
-    assert_openai_error(r, 403)["code"] == "origin_not_allowed"
+    assert assert_openai_error(r, 403)["code"] == "origin_not_allowed"
     same = http.post(C, json={"prompt": "Hi", "max_tokens": 1, "temperature": 0}, headers={"Origin": url})
     assert same.status_code == 200
     with serving(embedded, api_key="k") as (keyed_url, _, _, keyed):

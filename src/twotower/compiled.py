@@ -99,8 +99,7 @@ def compile_for_decoding(model: nn.Module) -> nn.Module:
         names = getattr(type(module), "compiled_methods", ())
         if names and module not in _COMPILED:
             _COMPILED[module] = {name: CompiledFunction(getattr(type(module), name)) for name in names}
-        experts = getattr(module, "experts", None)
-        if hasattr(module, "pack_experts") and len(experts) <= DENSE_MAX_EXPERTS and not module.packed_is_current():
+        if getattr(module, "mixes_in_graph", False) and not module.packed_is_current():
             module.pack_experts()  # the MoE reads its experts' stacked weights in the graph
     return model
 

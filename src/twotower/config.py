@@ -70,9 +70,8 @@ class NemotronHConfig(transformers.NemotronHConfig):
         """The fields that differ from the defaults, and always the layer pattern (a reader that
         falls back to its own default pattern would build another model)."""
         d = super().to_diff_dict()
-        full = self.to_dict()
-        for key in ("hybrid_override_pattern", "num_hidden_layers"):
-            d[key] = full[key]
+        d["hybrid_override_pattern"] = self.hybrid_override_pattern
+        d["num_hidden_layers"] = len(self.hybrid_override_pattern)
         return d
 
     @property

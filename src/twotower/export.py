@@ -177,9 +177,7 @@ def save_for_hub(model, folder: str | Path, tokenizer=None, max_shard_bytes: int
     with `trust_remote_code=True` without this package. Weights in `dtype` (default: as they are),
     in shards of at most `max_shard_bytes`; the tokenizer too if given. Returns the folder."""
     folder = Path(folder)
-    remote_code()  # first: a package that cannot be exported must not leave half a folder
-    folder.mkdir(parents=True, exist_ok=True)
-    check_empty(folder)
+    check_empty(folder)  # save_pretrained makes the remote code before it writes anything: no half folder
     model.save_pretrained(folder, max_shard_bytes, state_dict=export_state_dict(model, dtype))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -327,7 +327,12 @@ def transformers_generate(model, input_ids, generation_config, streamer, kwargs:
     eos, pad = settings.get("eos_token_id"), config.pad_token_id
     if pad is None or eos is None or pad == (model.config.pad_token_id or 0):
         return out
-    sequences = out.sequences if isinstance(out, GenerateOutput) else out
     n = input_ids.shape[1]
-    sequences = torch.cat([sequences[:, :n], until_eos(sequences[:, n:], eos, pad)], dim=1)
-    return GenerateOutput(sequences, out.stats) if isinstance(out, GenerateOutput) else sequences
+
+    def padded_after_eos(sequences):
+        return torch.cat([sequences[:, :n], until_eos(sequences[:, n:], eos, pad)], dim=1)
+
+    if isinstance(out, GenerateOutput):
+        out.sequences = padded_after_eos(out.sequences)
+        return out
+    return padded_after_eos(out)

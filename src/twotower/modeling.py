@@ -206,9 +206,9 @@ class NemotronHModel(nn.Module):
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.shape[-1] == 0:
         raise ValueError("empty input: input_ids has no positions")
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got "
-                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one reduction, one read back
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got [{low}, {high}]")
 
 
 @dataclass

@@ -155,6 +155,11 @@ class MoE(nn.Module):
                         getattr(expert, name).bias.data = bias[e]
         self.packed = (*stacked["up_proj"], *stacked["down_proj"])
 
+    @property
+    def mixes_in_graph(self) -> bool:
+        """Whether the compiled path runs this layer's experts inside its graph (few experts)."""
+        return len(self.experts) <= DENSE_MAX_EXPERTS
+
     def packed_is_current(self) -> bool:
         """Whether every expert's weight is still its view of the packed tensors."""
         if self.packed is None:
@@ -172,7 +177,7 @@ class MoE(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         flat = u.reshape(-1, u.shape[-1])
         ids, weights = self.gate(flat)
-        if torch.compiler.is_compiling() and len(self.experts) <= DENSE_MAX_EXPERTS:
+        if torch.compiler.is_compiling() and self.mixes_in_graph:
             routed = dense_mix(self.experts, flat, ids, weights, self.packed)
         else:
             routed = grouped_mix(self.experts, flat, ids, weights)

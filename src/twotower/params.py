@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from .choices import DIFFUSION_CONFIG_FIELDS  # noqa: F401  (also importable from here)
 from .sampler import UNMASKING_RULES
 
 MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy in all but name and logits / t can overflow

@@ -175,8 +175,8 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
             f / "shards", r.distill_continuation_tokens, batch_size=128, seed=r.seed))
         for i, (steps, lr) in enumerate(r.distill_stages):
             stage = "distill" if i == 0 else f"distill-{i + 1}"
-            _stage(out, stage, lambda f, i=i, steps=steps, lr=lr, start=out / previous / "model": distill_stage(
-                start, out / "distill-data" / "shards", f, r, steps, lr, i))
+            _stage(out, stage, lambda f: distill_stage(out / previous / "model", out / "distill-data" / "shards", f, r,
+                                                       steps, lr, i))
             previous = stage
     return _stage(out, "export", lambda f: export(out / previous / "model", out, f, r, corpus))
 

@@ -208,15 +208,16 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 1
     pending = sample_next(model.context_lm_head(h[:, -1]).float(), run.sampling).cpu()
     done.add(rows.index, pending[:, None].tolist())
     round_index = 0
+    # the compiled path keeps one shape for every round, so one graph: a short last round drafts a
+    # whole block, and the statistics count what the eager path drafts
+    fixed_length = is_compiled(model)
     while not run.out_of_time():
         going = done.going(rows.index)
         if not bool(going.any()):
             break
         rows, pending = rows.select(going), pending[going]
         useful = min(diffusion.block_size, int((max_new_tokens - done.counts[rows.index]).max()))
-        # the compiled path keeps one shape for every round, so one graph: a short last round drafts a
-        # whole block, and the statistics count what the eager path drafts
-        length = diffusion.block_size if is_compiled(model) else useful
+        length = diffusion.block_size if fixed_length else useful
         context, _ = model._context_for(rows, rows.seq.shape[1], use_cache, stats)
         on_denoiser = context.to(model.denoiser_device)
 

@@ -39,6 +39,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, states: str
     Heads are laid out as [groups, heads per group] so that B and C, shared by a group's heads,
     are never copied per head, and C.B is computed once per group.
     """
+    if states not in ("final", "entering", None):
+        raise ValueError(f"states must be 'final', 'entering' or None, got {states!r}")
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -62,8 +64,6 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None, states: str
     y = ((C @ B.transpose(-1, -2)).tril_() * decay) @ X  # [b, g, r, c, s, p]
 
     # 2. the state each chunk adds by its end (needed for the next chunk and for the final state)
-    if states not in ("final", "entering", None):
-        raise ValueError(f"states must be 'final', 'entering' or None, got {states!r}")
     carried = c if states == "final" else c - 1
     to_end = _decay_(A_cum[..., :carried, -1:] - A_cum[..., :carried, :])[..., None]  # [b, g, r, c', s, 1]
     added = (X[..., :carried, :, :] * to_end).transpose(-1, -2) @ B[..., :carried, :, :]  # [b, g, r, c', p, n]

@@ -306,10 +306,11 @@ class Trainer:
         tmp, old = self.out_dir / "checkpoint.tmp", self.out_dir / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        config = getattr(getattr(self.model, "module", self.model), "config", None)  # DDP wraps the model
-        if config is not None and hasattr(config, "save_pretrained"):
-            config.save_pretrained(tmp)
-        save_state_dict(weights, tmp)
+        model = getattr(self.model, "module", self.model)  # DDP wraps the model
+        if hasattr(model, "save_pretrained"):  # a model folder as every other save writes it
+            model.save_pretrained(tmp, state_dict=weights)
+        else:
+            save_state_dict(weights, tmp)
         torch.save(state, tmp / "state.pt")
         for path in (*tmp.iterdir(), tmp):
             _fsync(path)

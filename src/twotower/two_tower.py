@@ -34,7 +34,8 @@ from .linear import Linear
 from .modeling import LMInputs, NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel, causal_lm_forward
 from .modes import Mode, get_mode, register_mode, run_mode
 from .objectives import mamba_by_blocks, masked_diffusion_output
-from .params import DIFFUSION_CONFIG_FIELDS, DiffusionParams, GenerateOptions, SamplingParams, split_settings
+from .choices import DIFFUSION_CONFIG_FIELDS
+from .params import DiffusionParams, GenerateOptions, SamplingParams, split_settings
 from .rows import GenerationRows
 from .sampler import DenoiseStep, sample_block
 from .speculative import generate_speculative
@@ -310,11 +311,11 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
         eos, stats = options.eos_token_id, run.stats
         num_blocks = -(-max_new_tokens // L)
         out = torch.full((input_ids.shape[0], num_blocks * L), run.pad_token_id, dtype=torch.long)
+        fixed_batch = is_compiled(self)  # the compiled graphs keep one batch size
         for blk in range(num_blocks):
             context, _ = self._context_for(rows, rows.seq.shape[1], options.use_cache, stats)
             context = context.to(self.denoiser_device)  # the context crosses devices once per block
             of_rows = {}  # the context of the rows still denoising, per set of such rows
-            fixed_batch = is_compiled(self)  # the compiled graphs keep one batch size
 
             def denoise(x, t):
                 """Logits at the masked positions; eagerly, a row that committed its whole block sits

@@ -24,8 +24,10 @@ SAME_ORIGIN_ONLY = {
 def add_page(app: FastAPI, model_config, max_tokens: int) -> None:
     """GET / (the page), /static/{name} (its script and style) and /playground.json (the modes,
     unmasking rules and the model's diffusion defaults that fill its settings)."""
+    contents = {name: (STATIC / name).read_bytes() for name in ("index.html", *FILES)}  # read once
+
     def static(name: str, media_type: str) -> Response:
-        return Response((STATIC / name).read_bytes(), media_type=media_type, headers=SAME_ORIGIN_ONLY)
+        return Response(contents[name], media_type=media_type, headers=SAME_ORIGIN_ONLY)
 
     @app.get("/")
     async def page():

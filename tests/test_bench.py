@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from twotower import cli
 from twotower.bench import STORY_OPENINGS, Setting, load_prompts, run_bench, sweep
@@ -24,13 +25,24 @@ def model_dir():
 
 def test_quick_run_defaults_to_the_embedded_model_and_its_heldout_prompts(tmp_path):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--quick", "--max-new-tokens", "8", "--json", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["bench", "--quick", "--max-new-tokens", "8", "--json", str(out), "--dtype", "bfloat16",
+                         "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     report = json.loads(out.read_text())
+    assert report["dtype"] == "bfloat16" and report["threads"] == 1  # as asked, and said in the report
     stories, tasks = load_prompts(DEFAULT_MODEL_DIR)
     assert len(stories) == 40 and len(tasks) == 100  # the model folder's held-out sets
     assert report["prompts"]["stories"] >= 1 and report["prompts"]["tasks"] >= 1
     assert report["prompts"] == {"stories": 2, "tasks": 5}  # --quick's share of those sets
     assert report["headline"]["block_size"] == 16 and report["headline"]["confidence_threshold"] == 0.8
+
+
+def test_thread_count_must_be_positive(capsys):
+    assert cli.main(["bench", "--quick", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
 
 
 def test_quick_run_writes_json_plot_and_table(model_dir, tmp_path, capsys):

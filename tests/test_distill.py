@@ -96,7 +96,7 @@ def test_train_command_on_distillation_rows(setup, tmp_path, capsys):
                              heldout_fraction=0.25, seed=0)
     code = main(["train", "--objective", "diffusion", "--model", str(folder), "--data", str(tmp_path / "shards"),
                  "--out", str(tmp_path / "run"), "--batch-size", "4", "--max-steps", "2",
-                 "--certainty-weight", "0.5"])
+                 "--certainty-weight", "0.5", "--prefix-noise", "0.5"])
     assert code == 0
     trained = TwoTowerForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert trained.config.block_size == 4
@@ -108,3 +108,6 @@ def test_train_command_on_distillation_rows(setup, tmp_path, capsys):
     code = main(["train", "--objective", "diffusion", "--model", str(folder), "--data", str(tmp_path / "shards"),
                  "--out", str(tmp_path / "run3"), "--block-size", "3", "--max-steps", "1"])
     assert code == 2 and "block boundary" in capsys.readouterr().err
+    code = main(["train", "--objective", "diffusion", "--model", str(folder), "--data", str(tmp_path / "shards"),
+                 "--out", str(tmp_path / "run4"), "--prefix-noise", "1.5", "--max-steps", "1"])
+    assert code == 2 and "--prefix-noise" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from conftest import randomize, tiny_config
 from test_two_tower import build
 from twotower import NemotronHForCausalLM
 from twotower.objectives import (T_EPS, ar_loss, block_causal_mask, certainty_sum, context_block_states, corrupt,
-                                 diffusion_loss, diffusion_loss_by_blocks, prompt_loss_mask)
+                                 diffusion_loss, diffusion_loss_by_blocks, prefix_noise, prompt_loss_mask)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,39 @@ def test_corruption_draws_t_in_range_and_masks_with_probability_t():
     assert ((t >= T_EPS) & (t <= 1)).all()
     assert torch.equal(noisy == 3, masked) and torch.equal(noisy[~masked], ids[~masked])
     assert (masked.float().mean(-1) - t).abs().max() < 0.1  # 400 Bernoulli draws per row
+
+
+def test_prefix_noise_keeps_a_clean_prefix_of_every_block():
+    """Every block of a row keeps the same first j tokens clean, j in 0..L-1, the rest masked; t is
+    the masked fraction of a block, as the sampler's block_time gives."""
+    masked, t = prefix_noise(400, 12, 4, torch.Generator().manual_seed(0))
+    j = 4 - masked[:, :4].sum(-1)
+    for row, jr, tr in zip(masked.tolist(), j.tolist(), t.tolist()):
+        assert row == ([False] * jr + [True] * (4 - jr)) * 3
+        assert tr == (4 - jr) / 4
+    assert sorted(set(j.tolist())) == [0, 1, 2, 3]  # every prefix length is drawn (400 rows)
+
+
+def test_corruption_mixes_prefix_noise_into_a_fraction_of_rows():
+    ids = torch.randint(4, 97, (400, 16), generator=torch.Generator().manual_seed(0))
+    # none: the draws are the plain ones, unchanged
+    plain = corrupt(ids, 3, torch.Generator().manual_seed(1))
+    off = corrupt(ids, 3, torch.Generator().manual_seed(1), prefix_fraction=0.0, block_size=8)
+    assert all(torch.equal(a, b) for a, b in zip(plain, off))
+    # all rows: prefix noise, never at a prompt's positions
+    loss_mask = prompt_loss_mask(ids, 8)
+    noisy, masked, t = corrupt(ids, 3, torch.Generator().manual_seed(1), loss_mask=loss_mask, prefix_fraction=1.0,
+                               block_size=8)
+    assert not masked[:, :8].any() and torch.equal(noisy == 3, masked)
+    clean = 8 - masked[:, 8:].sum(-1)
+    assert torch.equal(masked[:, 8:], torch.arange(8)[None, :] >= clean[:, None])
+    assert torch.equal(t, (8 - clean).float() / 8)
+    # half the rows: about half are prefix-shaped (a uniform row is one with probability far below 1/2)
+    _, masked, _ = corrupt(ids, 3, torch.Generator().manual_seed(2), prefix_fraction=0.5, block_size=8)
+    shaped = [row[:8] == row[8:] and row[:8] == sorted(row[:8]) for row in masked.int().tolist()]
+    assert 0.4 < sum(shaped) / len(shaped) < 0.75
+    with pytest.raises(ValueError, match="block size"):
+        corrupt(ids, 3, prefix_fraction=0.5)
 
 
 def test_block_causal_mask():

@@ -146,6 +146,7 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     card = (final / "README.md").read_text()
     assert (final / "heldout" / "tasks.jsonl").exists() and (final / "heldout" / "stories.jsonl").exists()
     assert "task accuracy" in card and "diffusion" in card
+    assert "prefix noise on 50% of the rows" in card  # the smoke recipe's distillation uses it
     from safetensors import safe_open
 
     from twotower.default import load_model

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .choices import BLOCK_SIZES, DRAFT_STEPS, MAX_NEW_TOKENS, TASK_NEW_TOKENS, THRESHOLDS
+from .choices import BLOCK_SIZES, DRAFT_STEPS, MAX_NEW_TOKENS, TASK_NEW_TOKENS, THRESHOLDS, WEIGHT_DTYPES
 
 # a run of a minute or two; explicit options still win
 QUICK = dict(stories=2, tasks=5, thresholds=(0.5, 0.8, 0.95), block_sizes=(8, 16), draft_steps=(1, 2),
@@ -34,6 +34,10 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run every mode on the compiled decoding path (torch.compile); the compile time is paid "
                         "in an untimed warm-up per mode and block size, and reported")
+    p.add_argument("--dtype", choices=sorted(WEIGHT_DTYPES), default="float32",
+                   help="dtype the model runs in (default: float32)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="intra-op threads (default: torch's, one per core); timings need a machine otherwise idle")
     p.add_argument("--quick", action="store_true",
                    help="a run of a minute or two: 2 story prompts and 5 tasks, thresholds 0.5 0.8 0.95, block "
                         "sizes 8 16, draft steps 1 2, 16 new tokens (explicit options still win)")
@@ -48,8 +52,16 @@ def run(args) -> int:
         print("error: --plot needs matplotlib, which is not installed: pip install 'twotower[bench]'",
               file=sys.stderr)
         return 2
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, getattr(torch, args.dtype))
+    print(f"bench: {args.dtype}, {torch.get_num_threads()} thread(s)", file=sys.stderr)
     stories, tasks = load_prompts(model_dir, args.prompts)
     quick = QUICK if args.quick else {}
     if quick:
@@ -78,7 +90,8 @@ def run(args) -> int:
               f"{fastest['speedup_vs_ar']:.2f}x AR's tokens/s, {fastest['acceptance_rate'] or 0:.1%} of drafts "
               f"accepted, {fastest['tokens_per_round']:.2f} tokens per round")
     if args.json:
-        report = {"model": str(model_dir), "compiled": args.compile, "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
+        report = {"model": str(model_dir), "compiled": args.compile, "dtype": args.dtype,
+                  "threads": torch.get_num_threads(), "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
                   "task_new_tokens": min(TASK_NEW_TOKENS, max_new_tokens),
                   "prompts": {"stories": len(stories), "tasks": len(tasks)}, "rows": rows, "headline": top}
         Path(args.json).write_text(json.dumps(report, indent=2))

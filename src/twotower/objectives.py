@@ -27,6 +27,9 @@ from .attention import CAUSAL
 T_EPS = 1e-3
 
 
+# what the diffusion loss takes besides the clean ids and the block size (the two-tower forward passes them on)
+DIFFUSION_LOSS_ARGUMENTS = ("noise", "generator", "loss_mask", "certainty_weight", "prefix_fraction")
+
 IGNORE_INDEX = -100  # transformers' label for positions without a target
 
 
@@ -55,19 +58,40 @@ def ar_loss(model, ids: torch.Tensor):
 
 
 def corrupt(ids: torch.Tensor, mask_token_id: int, generator: torch.Generator | None = None, t=None,
-            loss_mask: torch.Tensor | None = None):
+            loss_mask: torch.Tensor | None = None, prefix_fraction: float = 0.0, block_size: int | None = None):
     """Absorbing-state noise: t ~ U[eps, 1] per row (unless given), each token masked with prob t.
     `loss_mask` [b, n] bool: where masking may happen (False at a prompt's positions, which stay
     clean and are never scored, as the `loss_mask` of Megatron-LM's diffusion data).
+
+    `prefix_fraction` of the rows (drawn per row) get prefix noise instead (`prefix_noise`): the
+    blocks as decoding meets them, a clean prefix and the rest masked.
 
     Returns (noisy [b, n], masked [b, n] bool, t [b])."""
     b, n = ids.shape
     if t is None:
         t = (1 - T_EPS) * torch.rand(b, generator=generator, device="cpu").to(ids.device) + T_EPS
     masked = torch.rand(b, n, generator=generator, device="cpu").to(ids.device) < t[:, None]
+    if prefix_fraction:
+        if block_size is None:
+            raise ValueError("prefix noise needs the block size")
+        chosen = (torch.rand(b, generator=generator, device="cpu") < prefix_fraction).to(ids.device)
+        prefix_masked, prefix_t = prefix_noise(b, n, block_size, generator, ids.device)
+        masked = torch.where(chosen[:, None], prefix_masked, masked)
+        t = torch.where(chosen, prefix_t, t)
     if loss_mask is not None:
         masked &= loss_mask.to(masked.device).bool()
     return ids.masked_fill(masked, mask_token_id), masked, t
+
+
+def prefix_noise(b: int, n: int, block_size: int, generator: torch.Generator | None = None, device=None):
+    """Blocks as the decoders meet them: per row, every block of `block_size` keeps its first j
+    tokens clean and masks the rest, j ~ U{0, ..., block_size - 1} (0: a block about to be drafted
+    from all-masked; 1: a speculative draft after its pending token; more: a diffusion block after
+    left-to-right commits). t is the masked fraction of a whole block, (block_size - j) /
+    block_size, as `sampler.block_time` gives at decoding. Returns (masked [b, n] bool, t [b])."""
+    j = torch.randint(0, block_size, (b,), generator=generator, device="cpu").to(device)
+    masked = (torch.arange(n, device=device) % block_size)[None, :] >= j[:, None]
+    return masked, (block_size - j).float() / block_size
 
 
 def prompt_loss_mask(ids: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
@@ -137,25 +161,27 @@ class MaskedDiffusionOutput(ModelOutput):
 
 def diffusion_loss(model, ids: torch.Tensor, block_size: int | None = None,
                    generator: torch.Generator | None = None, noise=None, loss_mask: torch.Tensor | None = None,
-                   certainty_weight: float = 0.0):
+                   certainty_weight: float = 0.0, prefix_fraction: float = 0.0):
     """Masked-diffusion loss over clean ids [b, n]: (sum of CE at masked positions, #masked),
     plus `certainty_weight` times `certainty_sum` at those positions.
 
     Runs through `model(..., diffusion_block_size=...)` so that a DDP/FSDP wrapper sees it.
-    `noise` = (noisy, masked, t) fixes the corruption; otherwise it is drawn here, never at
-    positions where `loss_mask` is False."""
+    `noise` = (noisy, masked, t) fixes the corruption; otherwise it is drawn here (`corrupt`, with
+    `prefix_fraction` of the rows under prefix noise), never at positions where `loss_mask` is
+    False."""
     out = model(ids, diffusion_block_size=block_size or 0, noise=noise, generator=generator,
-                loss_mask=loss_mask, certainty_weight=certainty_weight)
+                loss_mask=loss_mask, certainty_weight=certainty_weight, prefix_fraction=prefix_fraction)
     return out.masked_loss_sum, out.num_masked
 
 
 def masked_diffusion_output(model, ids: torch.Tensor, block_size: int, generator: torch.Generator | None = None,
-                            noise=None, loss_mask: torch.Tensor | None = None,
-                            certainty_weight: float = 0.0) -> MaskedDiffusionOutput:
+                            noise=None, loss_mask: torch.Tensor | None = None, certainty_weight: float = 0.0,
+                            prefix_fraction: float = 0.0) -> MaskedDiffusionOutput:
     """The computation behind `diffusion_loss` (block_size 0: the model's)."""
     L = block_size or model.config.block_size
     noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator,
-                                                               loss_mask=loss_mask)
+                                                               loss_mask=loss_mask, prefix_fraction=prefix_fraction,
+                                                               block_size=L)
     states = context_block_states(model, ids, L)
     mask = block_causal_mask(ids.shape[1], L, ids.device)
     logits = model.denoise(noisy, t, states, mask, L, positions=masked)

@@ -183,8 +183,9 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
 
 def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, steps: int, lr: float, index: int) -> dict:
     """Pass `index` of masked diffusion on distillation rows (float32 weights, bfloat16 autocast):
-    prompt positions never masked or scored, certainty forcing at `r.certainty_weight`. Later passes
-    start from a trained model: no warmup, and a new row order (seed + index)."""
+    prompt positions never masked or scored, certainty forcing at `r.certainty_weight`, prefix noise
+    on `r.prefix_noise` of the rows. Later passes start from a trained model: no warmup, and a new
+    row order (seed + index)."""
     seed = r.seed + index
     torch.manual_seed(seed)
     model = to_dtype(TwoTowerForCausalLM.from_pretrained(model_dir), torch.float32)
@@ -195,7 +196,7 @@ def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, steps:
 
     def loss_fn(m, batch):
         return diffusion_loss(m, batch, block, loss_mask=prompt_loss_mask(batch, meta["prompt_tokens"]),
-                              certainty_weight=r.certainty_weight)
+                              certainty_weight=r.certainty_weight, prefix_fraction=r.prefix_noise)
 
     return _train(model, loss_fn, folder, _batches(shards, meta["row_tokens"], r.batch_size, seed), steps, lr,
                   seed, autocast_bf16=True, warmup_frac=0.02 if index == 0 else 0.0, eval_every=600, log_every=20)
@@ -256,7 +257,7 @@ def model_card(r: Recipe, params: int, corpus: dict, numbers: dict) -> str:
         f"{r.distill_continuation_tokens} tokens, and masked diffusion on those rows for "
         f"{' + '.join(f'{n} steps (peak lr {lr:g})' for n, lr in r.distill_stages)} "
         f"(batch {r.batch_size}, bfloat16 autocast, prompts never masked, certainty forcing at weight "
-        f"{r.certainty_weight:g})")
+        f"{r.certainty_weight:g}, prefix noise on {r.prefix_noise:.0%} of the rows)")
     return f"""# twotower default model
 
 A small Nemotron-Labs-TwoTower model made by `twotower recipe` on a 2-core CPU, shipped so that

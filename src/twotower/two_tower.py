@@ -33,7 +33,7 @@ from .hub import to_dtype
 from .linear import Linear
 from .modeling import LMInputs, NemotronHForCausalLM, NemotronHModel, NemotronHPreTrainedModel, causal_lm_forward
 from .modes import Mode, get_mode, register_mode, run_mode
-from .objectives import mamba_by_blocks, masked_diffusion_output
+from .objectives import DIFFUSION_LOSS_ARGUMENTS, mamba_by_blocks, masked_diffusion_output
 from .choices import DIFFUSION_CONFIG_FIELDS
 from .params import DiffusionParams, GenerateOptions, SamplingParams, split_settings
 from .rows import GenerationRows
@@ -237,17 +237,17 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
 
         With `diffusion_block_size` (0: the config's `block_size`): the masked-diffusion training
         loss of the clean `input_ids` [b, n] (see `twotower.objectives.diffusion_loss`, whose
-        `noise`, `generator`, `loss_mask` and `certainty_weight` it takes), as a
+        `noise`, `generator`, `loss_mask`, `certainty_weight` and `prefix_fraction` it takes), as a
         `MaskedDiffusionOutput`. Going through forward lets DDP/FSDP wrappers see the training step."""
         if diffusion_block_size is not None:
-            own = {k: kwargs.pop(k) for k in ("noise", "generator", "loss_mask", "certainty_weight") if k in kwargs}
+            own = {k: kwargs.pop(k) for k in DIFFUSION_LOSS_ARGUMENTS if k in kwargs}
             given = dict(attention_mask=attention_mask, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
                          labels=labels, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          logits_to_keep=logits_to_keep or None, **kwargs)
             extra = sorted(k for k, v in given.items() if v is not None)
             if extra:
-                raise TypeError(f"the diffusion loss takes no {extra}: only clean input_ids, noise, generator, "
-                                "loss_mask, certainty_weight")
+                raise TypeError(f"the diffusion loss takes no {extra}: only clean input_ids, "
+                                + ", ".join(DIFFUSION_LOSS_ARGUMENTS))
             out = masked_diffusion_output(self, input_ids, diffusion_block_size, **own)
         else:
             out = causal_lm_forward(self.context_tower, self.context_lm_head, LMInputs(

@@ -13,7 +13,8 @@ import torch
 from conftest import randomize, tiny_config
 from twotower import TwoTowerForCausalLM
 from twotower.cli import main
-from twotower.distill import DISTILLATION, distillation_prompts, make_distillation_shards
+from twotower.data import TokenBatches
+from twotower.distill import DISTILLATION, concatenate_shards, distillation_prompts, make_distillation_shards
 from twotower.tokenizer import train_tokenizer
 from twotower.two_tower import TwoTowerConfig
 
@@ -87,6 +88,29 @@ def test_an_interrupted_run_resumes_to_the_same_shards(setup, tmp_path):
     make_distillation_shards(model, prompts, tmp_path / "resumed", continuation_tokens=6, batch_size=4, seed=1)
     for name in ("train.bin", "heldout.bin", "meta.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_shard_folders_concatenate_row_for_row(setup, tmp_path):
+    corpus, tokenizer, model, _ = setup
+    text = make_distillation_shards(model, distillation_prompts(corpus, tokenizer, 12, 8, 0.0, seed=0), tmp_path / "a",
+                                    continuation_tokens=6, batch_size=4, heldout_fraction=0.25, seed=1)
+    tasks = make_distillation_shards(model, distillation_prompts(corpus, tokenizer, 8, 8, 1.0, seed=5),
+                                     tmp_path / "b", continuation_tokens=6, batch_size=4, heldout_fraction=0.25, seed=5)
+    meta = concatenate_shards([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
+    for split in ("train", "heldout"):
+        both = np.fromfile(tmp_path / "ab" / f"{split}.bin", dtype=meta["dtype"]).reshape(-1, 14)
+        parts = [np.fromfile(tmp_path / f / f"{split}.bin", dtype=meta["dtype"]).reshape(-1, 14) for f in "ab"]
+        assert np.array_equal(both, np.concatenate(parts))
+        assert len(both) == text[f"{split}_rows"] + tasks[f"{split}_rows"] == meta[f"{split}_rows"]
+    assert meta["kind"] == DISTILLATION and meta["row_tokens"] == 14 and meta["seed"] == [1, 5]
+    assert len(TokenBatches(tmp_path / "ab", "train", 14, 1, seed=0)) == meta["train_rows"]  # whole rows served
+    other = make_distillation_shards(model, distillation_prompts(corpus, tokenizer, 4, 6, seed=0), tmp_path / "c",
+                                     continuation_tokens=6, batch_size=4, seed=1)
+    assert other["row_tokens"] == 12
+    with pytest.raises(ValueError, match="row layout"):
+        concatenate_shards([tmp_path / "a", tmp_path / "c"], tmp_path / "ac")
+    with pytest.raises(ValueError, match="already exists"):
+        concatenate_shards([tmp_path / "a", tmp_path / "b"], tmp_path / "ab")
 
 
 def test_train_command_on_distillation_rows(setup, tmp_path, capsys):

@@ -146,7 +146,8 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     card = (final / "README.md").read_text()
     assert (final / "heldout" / "tasks.jsonl").exists() and (final / "heldout" / "stories.jsonl").exists()
     assert "task accuracy" in card and "diffusion" in card
-    assert "prefix noise on 50% of the rows" in card  # the smoke recipe's distillation uses it
+    # the smoke recipe's second distillation pass has prefix noise and the task-only rows
+    assert "prefix noise on 50% of the rows, with 8 more task-only rows" in card
     from safetensors import safe_open
 
     from twotower.default import load_model
@@ -167,4 +168,5 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     capsys.readouterr()
     assert main(["recipe", "smoke", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
     rerun = capsys.readouterr().out
-    assert all(f"[recipe] {stage}: done already" in rerun for stage in ("corpus", "tokenizer", "pack", "ar", "distill-data", "distill", "export"))
+    assert all(f"[recipe] {stage}: done already" in rerun for stage in ("corpus", "tokenizer", "pack", "ar", "distill-data", "distill-task-data", "distill", "distill-2",
+                                                          "export"))

@@ -122,3 +122,30 @@ def read_meta(data: str | Path) -> dict:
     path = Path(data) / "meta.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
+
+def concatenate_shards(sources: list[str | Path], out_dir: str | Path) -> dict:
+    """One distillation shard folder holding the rows of every folder of `sources` (train after
+    train, held-out after held-out), which must agree on the row layout; returns its metadata."""
+    metas = [read_meta(s) for s in sources]
+    layout = ("kind", "dtype", "vocab_size", "row_tokens", "prompt_tokens", "continuation_tokens")
+    if not metas or any(m.get("kind") != DISTILLATION for m in metas):
+        raise ValueError(f"every source must be a distillation shard folder: {[str(s) for s in sources]}")
+    if len({tuple(m[k] for k in layout) for m in metas}) != 1:
+        raise ValueError("the shard folders differ in row layout: "
+                         + "; ".join(str({k: m[k] for k in layout}) for m in metas))
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ValueError(f"{out_dir} already exists; remove it or choose another folder")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "heldout"):
+        with open(partial / f"{split}.bin", "wb") as fh:
+            for source in sources:
+                fh.write((Path(source) / f"{split}.bin").read_bytes())
+    meta = {k: metas[0][k] for k in layout}
+    for key in ("train_rows", "heldout_rows", "train_tokens", "heldout_tokens"):
+        meta[key] = sum(m[key] for m in metas)
+    meta.update(decoding=metas[0].get("decoding"), seed=[m.get("seed") for m in metas])
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    os.rename(partial, out_dir)
+    return meta

@@ -7,8 +7,11 @@
     diffusion  both towers from the backbone, masked-diffusion training with the context frozen,
                one stage per block size (the release trained at 32, then 16) -> OUT/diffusion-S*/model
     distill-data  corpus and task prompts continued greedily by the AR tower -> OUT/distill-data/shards
+    distill-task-data  more task prompts, continued the same way, joined to those rows
+               -> OUT/distill-task-data/shards
     distill    masked diffusion on those rows, prompts never masked, optionally with certainty
-               forcing, one stage per pass (`distill_stages`) -> OUT/distill*/model (see `twotower.distill`)
+               forcing and prefix noise, one stage per pass (`distill_stages`) -> OUT/distill*/model
+               (see `twotower.distill`)
     export     bfloat16 model + tokenizer + model card with measured quality -> OUT/model
 
 Each stage writes `done.json` when finished and is skipped on a rerun; training stages resume from
@@ -28,13 +31,13 @@ import torch
 from .bench import load_prompts
 from .config import NemotronHConfig
 from .data import TokenBatches, list_files, pack_corpus, read_documents
-from .distill import distillation_prompts, make_distillation_shards, read_meta
+from .distill import concatenate_shards, distillation_prompts, make_distillation_shards, read_meta
 from .evaluate import run_generation, story_quality, task_accuracy, token_logprobs
 from .hub import to_dtype
 from .modeling import NemotronHForCausalLM
 from .modes import MODES
 from .objectives import ar_loss, diffusion_loss, prompt_loss_mask
-from .recipes import RECIPES, Recipe
+from .recipes import RECIPES, DistillPass, Recipe
 from .tasks import make_tasks, task_text
 from .tokenizer import load_tokenizer, train_tokenizer
 from .trainer import Trainer, TrainConfig
@@ -173,20 +176,31 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
             distillation_prompts(out / "corpus" / "corpus", tokenizer, r.distill_rows, r.distill_prompt_tokens,
                                  r.distill_task_fraction, r.seed),
             f / "shards", r.distill_continuation_tokens, batch_size=128, seed=r.seed))
-        for i, (steps, lr) in enumerate(r.distill_stages):
+        rows = out / "distill-data" / "shards"
+        if r.distill_task_rows and any(p.with_task_rows for p in r.distill_stages):
+            def task_rows(folder):
+                seed = r.seed + 5
+                make_distillation_shards(
+                    TwoTowerForCausalLM.from_pretrained(teacher),
+                    distillation_prompts(out / "corpus" / "corpus", tokenizer, r.distill_task_rows,
+                                         r.distill_prompt_tokens, 1.0, seed),
+                    folder / "task-shards", r.distill_continuation_tokens, batch_size=128, seed=seed)
+                return concatenate_shards([rows, folder / "task-shards"], folder / "shards")
+
+            _stage(out, "distill-task-data", task_rows)
+        for i, distill_pass in enumerate(r.distill_stages):
             stage = "distill" if i == 0 else f"distill-{i + 1}"
-            _stage(out, stage, lambda f: distill_stage(out / previous / "model", out / "distill-data" / "shards", f, r,
-                                                       steps, lr, i))
+            data = out / "distill-task-data" / "shards" if distill_pass.with_task_rows else rows
+            _stage(out, stage, lambda f: distill_stage(out / previous / "model", data, f, r, distill_pass))
             previous = stage
     return _stage(out, "export", lambda f: export(out / previous / "model", out, f, r, corpus))
 
 
-def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, steps: int, lr: float, index: int) -> dict:
-    """Pass `index` of masked diffusion on distillation rows (float32 weights, bfloat16 autocast):
-    prompt positions never masked or scored, certainty forcing at `r.certainty_weight`, prefix noise
-    on `r.prefix_noise` of the rows. Later passes start from a trained model: no warmup, and a new
-    row order (seed + index)."""
-    seed = r.seed + index
+def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, distill_pass: DistillPass) -> dict:
+    """One pass of masked diffusion on distillation rows (float32 weights, bfloat16 autocast):
+    prompt positions never masked or scored, certainty forcing at `r.certainty_weight`, and the
+    pass's prefix noise, warmup and seed (the row order and the noise)."""
+    seed = r.seed + distill_pass.seed
     torch.manual_seed(seed)
     model = to_dtype(TwoTowerForCausalLM.from_pretrained(model_dir), torch.float32)
     meta, block = read_meta(shards), model.config.block_size
@@ -196,10 +210,11 @@ def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, steps:
 
     def loss_fn(m, batch):
         return diffusion_loss(m, batch, block, loss_mask=prompt_loss_mask(batch, meta["prompt_tokens"]),
-                              certainty_weight=r.certainty_weight, prefix_fraction=r.prefix_noise)
+                              certainty_weight=r.certainty_weight, prefix_fraction=distill_pass.prefix_noise)
 
-    return _train(model, loss_fn, folder, _batches(shards, meta["row_tokens"], r.batch_size, seed), steps, lr,
-                  seed, autocast_bf16=True, warmup_frac=0.02 if index == 0 else 0.0, eval_every=600, log_every=20)
+    return _train(model, loss_fn, folder, _batches(shards, meta["row_tokens"], r.batch_size, seed), distill_pass.steps,
+                  distill_pass.lr, seed, autocast_bf16=True, warmup_frac=distill_pass.warmup_frac, eval_every=600,
+                  log_every=20)
 
 
 # ---------------------------------------------------------------- export and model card
@@ -245,6 +260,13 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _pass_text(p: DistillPass, r: Recipe) -> str:
+    extra = [f"prefix noise on {p.prefix_noise:.0%} of the rows"] if p.prefix_noise else []
+    if p.with_task_rows:
+        extra.append(f"with {r.distill_task_rows} more task-only rows")
+    return f"{p.steps} steps (peak lr {p.lr:g}{''.join(', ' + e for e in extra)})"
+
+
 def model_card(r: Recipe, params: int, corpus: dict, numbers: dict) -> str:
     rows = "\n".join(
         f"| {mode} | {m['story_continuation_perplexity']:.2f} | {m['task_accuracy']:.1%} | "
@@ -254,10 +276,10 @@ def model_card(r: Recipe, params: int, corpus: dict, numbers: dict) -> str:
     distilled = "" if not r.distill_rows else (
         f"; then distillation from the AR tower: {r.distill_rows} prompts of {r.distill_prompt_tokens} tokens "
         f"({r.distill_task_fraction:.0%} exact-answer tasks) continued greedily by the AR tower for "
-        f"{r.distill_continuation_tokens} tokens, and masked diffusion on those rows for "
-        f"{' + '.join(f'{n} steps (peak lr {lr:g})' for n, lr in r.distill_stages)} "
+        f"{r.distill_continuation_tokens} tokens, and masked diffusion on those rows in passes of "
+        f"{' + '.join(_pass_text(p, r) for p in r.distill_stages)} "
         f"(batch {r.batch_size}, bfloat16 autocast, prompts never masked, certainty forcing at weight "
-        f"{r.certainty_weight:g}, prefix noise on {r.prefix_noise:.0%} of the rows)")
+        f"{r.certainty_weight:g})")
     return f"""# twotower default model
 
 A small Nemotron-Labs-TwoTower model made by `twotower recipe` on a 2-core CPU, shipped so that

@@ -46,7 +46,7 @@ class Recipe:
     distill_task_rows: int = 8000  # more rows of task prompts only (seed + 5), for passes `with_task_rows`
     # the passes over the rows, measured in the README's ablation
     distill_stages: tuple = (DistillPass(1200, 3e-4, warmup_frac=0.02),
-                             DistillPass(2500, 2e-4, warmup_frac=0.01, prefix_noise=0.5, with_task_rows=True, seed=2))
+                             DistillPass(2500, 2e-4, warmup_frac=0.01, with_task_rows=True, seed=2))
     certainty_weight: float = 0.0  # measured: 0.5 commits more per forward but keeps less quality (README)
     seed: int = 0
 

@@ -90,7 +90,8 @@ def run(args) -> int:
               f"{fastest['speedup_vs_ar']:.2f}x AR's tokens/s, {fastest['acceptance_rate'] or 0:.1%} of drafts "
               f"accepted, {fastest['tokens_per_round']:.2f} tokens per round")
     if args.json:
-        report = {"model": str(model_dir), "compiled": args.compile, "dtype": args.dtype,
+        ran_in = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")  # as loaded, not as asked
+        report = {"model": str(model_dir), "compiled": args.compile, "dtype": ran_in,
                   "threads": torch.get_num_threads(), "batch_size": args.batch_size, "max_new_tokens": max_new_tokens,
                   "task_new_tokens": min(TASK_NEW_TOKENS, max_new_tokens),
                   "prompts": {"stories": len(stories), "tasks": len(tasks)}, "rows": rows, "headline": top}

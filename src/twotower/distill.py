@@ -77,9 +77,7 @@ def make_distillation_shards(model, prompts: list[list[int]], out_dir: str | Pat
                              batch_size: int = 64, heldout_fraction: float = 0.02, seed: int = 0) -> dict:
     """Continue every prompt greedily with the AR tower of `model` and write the rows as shards
     (see the module docstring). Resumes from `out_dir`.partial; returns the metadata."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise ValueError(f"{out_dir} already exists; remove it or choose another folder")
+    out_dir = new_folder(out_dir)
     lengths = {len(p) for p in prompts}
     if len(lengths) != 1:
         raise ValueError(f"prompts must all have the same length, got lengths {sorted(lengths)}")
@@ -111,8 +109,22 @@ def make_distillation_shards(model, prompts: list[list[int]], out_dir: str | Pat
             "train_rows": int((~heldout).sum()), "heldout_rows": int(heldout.sum()),
             "train_tokens": int((~heldout).sum()) * row_tokens, "heldout_tokens": int(heldout.sum()) * row_tokens,
             "decoding": "greedy", "seed": seed}
-    (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     rows_file.unlink()
+    return publish(partial, out_dir, meta)
+
+
+def new_folder(out_dir: str | Path) -> Path:
+    """out_dir as a Path, which must not exist yet (shards are written once)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ValueError(f"{out_dir} already exists; remove it or choose another folder")
+    return out_dir
+
+
+def publish(partial: Path, out_dir: Path, meta: dict) -> dict:
+    """Write meta.json into the finished `partial` folder and rename it to `out_dir` (one step:
+    a crash leaves no half folder under the final name); returns meta."""
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     os.rename(partial, out_dir)
     return meta
 
@@ -133,9 +145,7 @@ def concatenate_shards(sources: list[str | Path], out_dir: str | Path) -> dict:
     if len({tuple(m[k] for k in layout) for m in metas}) != 1:
         raise ValueError("the shard folders differ in row layout: "
                          + "; ".join(str({k: m[k] for k in layout}) for m in metas))
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise ValueError(f"{out_dir} already exists; remove it or choose another folder")
+    out_dir = new_folder(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     for split in ("train", "heldout"):
@@ -146,6 +156,4 @@ def concatenate_shards(sources: list[str | Path], out_dir: str | Path) -> dict:
     for key in ("train_rows", "heldout_rows", "train_tokens", "heldout_tokens"):
         meta[key] = sum(m[key] for m in metas)
     meta.update(decoding=metas[0].get("decoding"), seed=[m.get("seed") for m in metas])
-    (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    os.rename(partial, out_dir)
-    return meta
+    return publish(partial, out_dir, meta)

@@ -177,7 +177,7 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
                                  r.distill_task_fraction, r.seed),
             f / "shards", r.distill_continuation_tokens, batch_size=128, seed=r.seed))
         rows = out / "distill-data" / "shards"
-        if r.distill_task_rows and any(p.with_task_rows for p in r.distill_stages):
+        if any(p.with_task_rows for p in r.distill_stages):
             def task_rows(folder):
                 seed = r.seed + 5
                 make_distillation_shards(
@@ -261,10 +261,12 @@ def _fmt(value) -> str:
 
 
 def _pass_text(p: DistillPass, r: Recipe) -> str:
-    extra = [f"prefix noise on {p.prefix_noise:.0%} of the rows"] if p.prefix_noise else []
+    notes = [f"peak lr {p.lr:g}"]
+    if p.prefix_noise:
+        notes.append(f"prefix noise on {p.prefix_noise:.0%} of the rows")
     if p.with_task_rows:
-        extra.append(f"with {r.distill_task_rows} more task-only rows")
-    return f"{p.steps} steps (peak lr {p.lr:g}{''.join(', ' + e for e in extra)})"
+        notes.append(f"with {r.distill_task_rows} more task-only rows")
+    return f"{p.steps} steps ({', '.join(notes)})"
 
 
 def model_card(r: Recipe, params: int, corpus: dict, numbers: dict) -> str:

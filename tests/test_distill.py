@@ -104,6 +104,12 @@ def test_shard_folders_concatenate_row_for_row(setup, tmp_path):
         assert len(both) == text[f"{split}_rows"] + tasks[f"{split}_rows"] == meta[f"{split}_rows"]
     assert meta["kind"] == DISTILLATION and meta["row_tokens"] == 14 and meta["seed"] == [1, 5]
     assert len(TokenBatches(tmp_path / "ab", "train", 14, 1, seed=0)) == meta["train_rows"]  # whole rows served
+    # joining a joined folder again (a later recipe pass) is the three-way join, its seeds listed flat
+    again = concatenate_shards([tmp_path / "ab", tmp_path / "a"], tmp_path / "aba")
+    three = concatenate_shards([tmp_path / "a", tmp_path / "b", tmp_path / "a"], tmp_path / "aba3")
+    assert again == three and again["seed"] == [1, 5, 1]
+    assert all((tmp_path / "aba" / f"{s}.bin").read_bytes() == (tmp_path / "aba3" / f"{s}.bin").read_bytes()
+               for s in ("train", "heldout"))
     other = make_distillation_shards(model, distillation_prompts(corpus, tokenizer, 4, 6, seed=0), tmp_path / "c",
                                      continuation_tokens=6, batch_size=4, seed=1)
     assert other["row_tokens"] == 12

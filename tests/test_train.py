@@ -146,8 +146,11 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     card = (final / "README.md").read_text()
     assert (final / "heldout" / "tasks.jsonl").exists() and (final / "heldout" / "stories.jsonl").exists()
     assert "task accuracy" in card and "diffusion" in card
-    # the smoke recipe's second distillation pass has prefix noise and the task-only rows
+    # the smoke recipe's second distillation pass has prefix noise and task-only rows, the third certainty forcing and more rows
     assert "prefix noise on 50% of the rows, with 8 more task-only rows" in card
+    assert "certainty forcing at weight 0.5, with 4 more task-only rows, with 4 more story-only rows" in card
+    meta = json.loads((tmp_path / "out" / "distill-3-data" / "shards" / "meta.json").read_text())
+    assert meta["seed"] == [0, 5, 6, 7]  # the rows of every pass so far: distill-data, then each pass's new rows
     from safetensors import safe_open
 
     from twotower.default import load_model
@@ -168,5 +171,6 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     capsys.readouterr()
     assert main(["recipe", "smoke", "--data", str(data), "--out", str(tmp_path / "out")]) == 0
     rerun = capsys.readouterr().out
-    assert all(f"[recipe] {stage}: done already" in rerun for stage in ("corpus", "tokenizer", "pack", "ar", "distill-data", "distill-task-data", "distill", "distill-2",
-                                                          "export"))
+    assert all(f"[recipe] {stage}: done already" in rerun for stage in ("corpus", "tokenizer", "pack", "ar", "distill-data", "distill",
+                                                          "distill-2-data", "distill-2", "distill-3-data",
+                                                          "distill-3", "export"))

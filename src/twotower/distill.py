@@ -155,5 +155,6 @@ def concatenate_shards(sources: list[str | Path], out_dir: str | Path) -> dict:
     meta = {k: metas[0][k] for k in layout}
     for key in ("train_rows", "heldout_rows", "train_tokens", "heldout_tokens"):
         meta[key] = sum(m[key] for m in metas)
-    meta.update(decoding=metas[0].get("decoding"), seed=[m.get("seed") for m in metas])
+    seeds = [m.get("seed") for m in metas]  # a joined folder's seeds are listed, not nested
+    meta.update(decoding=metas[0].get("decoding"), seed=[x for s in seeds for x in (s if isinstance(s, list) else [s])])
     return publish(partial, out_dir, meta)

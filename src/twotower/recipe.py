@@ -7,11 +7,10 @@
     diffusion  both towers from the backbone, masked-diffusion training with the context frozen,
                one stage per block size (the release trained at 32, then 16) -> OUT/diffusion-S*/model
     distill-data  corpus and task prompts continued greedily by the AR tower -> OUT/distill-data/shards
-    distill-task-data  more task prompts, continued the same way, joined to those rows
-               -> OUT/distill-task-data/shards
     distill    masked diffusion on those rows, prompts never masked, optionally with certainty
                forcing and prefix noise, one stage per pass (`distill_stages`) -> OUT/distill*/model
-               (see `twotower.distill`)
+               (see `twotower.distill`); a pass may first continue more prompts the same way and
+               join them to the rows (`NewRows`) -> OUT/distill*-data/shards
     export     bfloat16 model + tokenizer + model card with measured quality -> OUT/model
 
 Each stage writes `done.json` when finished and is skipped on a rerun; training stages resume from
@@ -37,7 +36,7 @@ from .hub import to_dtype
 from .modeling import NemotronHForCausalLM
 from .modes import MODES
 from .objectives import ar_loss, diffusion_loss, prompt_loss_mask
-from .recipes import RECIPES, DistillPass, Recipe
+from .recipes import RECIPES, DistillPass, NewRows, Recipe
 from .tasks import make_tasks, task_text
 from .tokenizer import load_tokenizer, train_tokenizer
 from .trainer import Trainer, TrainConfig
@@ -176,30 +175,37 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
             distillation_prompts(out / "corpus" / "corpus", tokenizer, r.distill_rows, r.distill_prompt_tokens,
                                  r.distill_task_fraction, r.seed),
             f / "shards", r.distill_continuation_tokens, batch_size=128, seed=r.seed))
-        rows = out / "distill-data" / "shards"
-        if any(p.with_task_rows for p in r.distill_stages):
-            def task_rows(folder):
-                seed = r.seed + 5
-                make_distillation_shards(
-                    TwoTowerForCausalLM.from_pretrained(teacher),
-                    distillation_prompts(out / "corpus" / "corpus", tokenizer, r.distill_task_rows,
-                                         r.distill_prompt_tokens, 1.0, seed),
-                    folder / "task-shards", r.distill_continuation_tokens, batch_size=128, seed=seed)
-                return concatenate_shards([rows, folder / "task-shards"], folder / "shards")
-
-            _stage(out, "distill-task-data", task_rows)
+        data = out / "distill-data" / "shards"
         for i, distill_pass in enumerate(r.distill_stages):
             stage = "distill" if i == 0 else f"distill-{i + 1}"
-            data = out / "distill-task-data" / "shards" if distill_pass.with_task_rows else rows
+            if distill_pass.new_rows:
+                _stage(out, f"{stage}-data", lambda f: new_rows_stage(
+                    teacher, data, out / "corpus" / "corpus", tokenizer, f, r, distill_pass.new_rows))
+                data = out / f"{stage}-data" / "shards"
             _stage(out, stage, lambda f: distill_stage(out / previous / "model", data, f, r, distill_pass))
             previous = stage
     return _stage(out, "export", lambda f: export(out / previous / "model", out, f, r, corpus))
 
 
+def new_rows_stage(teacher: Path, rows: Path, corpus: Path, tokenizer, folder: Path, r: Recipe,
+                   new_rows: tuple[NewRows, ...]) -> dict:
+    """A pass's new rows: each `NewRows` set of prompts continued by the teacher's AR tower into
+    `folder/rows-J`, all joined after `rows` into `folder/shards`."""
+    model = TwoTowerForCausalLM.from_pretrained(teacher)
+    sets = []
+    for j, new in enumerate(new_rows):
+        seed = r.seed + new.seed
+        make_distillation_shards(
+            model, distillation_prompts(corpus, tokenizer, new.count, r.distill_prompt_tokens, new.task_fraction, seed),
+            folder / f"rows-{j}", r.distill_continuation_tokens, batch_size=128, seed=seed)
+        sets.append(folder / f"rows-{j}")
+    return concatenate_shards([rows, *sets], folder / "shards")
+
+
 def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, distill_pass: DistillPass) -> dict:
     """One pass of masked diffusion on distillation rows (float32 weights, bfloat16 autocast):
-    prompt positions never masked or scored, certainty forcing at `r.certainty_weight`, and the
-    pass's prefix noise, warmup and seed (the row order and the noise)."""
+    prompt positions never masked or scored, and the pass's certainty forcing, prefix noise,
+    warmup and seed (the row order and the noise)."""
     seed = r.seed + distill_pass.seed
     torch.manual_seed(seed)
     model = to_dtype(TwoTowerForCausalLM.from_pretrained(model_dir), torch.float32)
@@ -210,7 +216,7 @@ def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, distil
 
     def loss_fn(m, batch):
         return diffusion_loss(m, batch, block, loss_mask=prompt_loss_mask(batch, meta["prompt_tokens"]),
-                              certainty_weight=r.certainty_weight, prefix_fraction=distill_pass.prefix_noise)
+                              certainty_weight=distill_pass.certainty_weight, prefix_fraction=distill_pass.prefix_noise)
 
     return _train(model, loss_fn, folder, _batches(shards, meta["row_tokens"], r.batch_size, seed), distill_pass.steps,
                   distill_pass.lr, seed, autocast_bf16=True, warmup_frac=distill_pass.warmup_frac, eval_every=600,
@@ -260,12 +266,15 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _pass_text(p: DistillPass, r: Recipe) -> str:
+def _pass_text(p: DistillPass) -> str:
     notes = [f"peak lr {p.lr:g}"]
+    if p.certainty_weight:
+        notes.append(f"certainty forcing at weight {p.certainty_weight:g}")
     if p.prefix_noise:
         notes.append(f"prefix noise on {p.prefix_noise:.0%} of the rows")
-    if p.with_task_rows:
-        notes.append(f"with {r.distill_task_rows} more task-only rows")
+    for new in p.new_rows:
+        kind = {1.0: "task-only", 0.0: "story-only"}.get(new.task_fraction, f"{new.task_fraction:.0%} task")
+        notes.append(f"with {new.count} more {kind} rows")
     return f"{p.steps} steps ({', '.join(notes)})"
 
 
@@ -279,9 +288,8 @@ def model_card(r: Recipe, params: int, corpus: dict, numbers: dict) -> str:
         f"; then distillation from the AR tower: {r.distill_rows} prompts of {r.distill_prompt_tokens} tokens "
         f"({r.distill_task_fraction:.0%} exact-answer tasks) continued greedily by the AR tower for "
         f"{r.distill_continuation_tokens} tokens, and masked diffusion on those rows in passes of "
-        f"{' + '.join(_pass_text(p, r) for p in r.distill_stages)} "
-        f"(batch {r.batch_size}, bfloat16 autocast, prompts never masked, certainty forcing at weight "
-        f"{r.certainty_weight:g})")
+        f"{' + '.join(_pass_text(p) for p in r.distill_stages)} "
+        f"(batch {r.batch_size}, bfloat16 autocast, prompts never masked)")
     return f"""# twotower default model
 
 A small Nemotron-Labs-TwoTower model made by `twotower recipe` on a 2-core CPU, shipped so that

@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 
+class NewRows(NamedTuple):
+    """Distillation rows a pass adds (`recipe.new_rows_stage`): `count` prompts, a `task_fraction`
+    of them exact-answer tasks, continued by the AR tower, drawn with the recipe's seed + `seed`."""
+
+    count: int
+    task_fraction: float
+    seed: int
+
+
 class DistillPass(NamedTuple):
     """One pass of masked diffusion on the distillation rows (`recipe.distill_stage`)."""
 
@@ -16,7 +25,8 @@ class DistillPass(NamedTuple):
     lr: float  # peak learning rate
     warmup_frac: float = 0.0  # a later pass starts from a trained model
     prefix_noise: float = 0.0  # fraction of rows under prefix noise (`objectives.prefix_noise`)
-    with_task_rows: bool = False  # `Recipe.distill_task_rows` task-only rows join the rows
+    certainty_weight: float = 0.0  # certainty forcing (`objectives.certainty_sum`), 0 = off
+    new_rows: tuple = ()  # `NewRows` that join the rows from this pass on
     seed: int = 0  # added to the recipe's seed: the row order and the noise
 
 
@@ -43,11 +53,10 @@ class Recipe:
     distill_prompt_tokens: int = 16  # a multiple of the block size: blocks start where the prompt ends
     distill_continuation_tokens: int = 64
     distill_task_fraction: float = 0.25
-    distill_task_rows: int = 8000  # more rows of task prompts only (seed + 5), for passes `with_task_rows`
     # the passes over the rows, measured in the README's ablation
     distill_stages: tuple = (DistillPass(1200, 3e-4, warmup_frac=0.02),
-                             DistillPass(2500, 2e-4, warmup_frac=0.01, with_task_rows=True, seed=2))
-    certainty_weight: float = 0.0  # measured: 0.5 commits more per forward but keeps less quality (README)
+                             DistillPass(2500, 2e-4, warmup_frac=0.01, new_rows=(NewRows(8000, 1.0, 5),), seed=2),
+                             DistillPass(2000, 1e-4, new_rows=(NewRows(12000, 1.0, 6),), seed=4))
     seed: int = 0
 
 
@@ -69,9 +78,11 @@ RECIPES = {
                    moe_intermediate_size=16, moe_shared_expert_intermediate_size=32),
         vocab_size=300, seq_len=32, batch_size=4, ar_steps=6, diffusion_stages=((8, 3), (4, 3)),
         train_tasks=50, heldout_tasks=4, story_prompts=2, eval_new_tokens=8,
-        distill_rows=8, distill_prompt_tokens=4, distill_continuation_tokens=8, distill_task_rows=8,
+        distill_rows=8, distill_prompt_tokens=4, distill_continuation_tokens=8,
         distill_stages=(DistillPass(3, 3e-4, warmup_frac=0.02),
-                        DistillPass(2, 2e-4, prefix_noise=0.5, with_task_rows=True, seed=2)),
+                        DistillPass(2, 2e-4, prefix_noise=0.5, new_rows=(NewRows(8, 1.0, 5),), seed=2),
+                        DistillPass(2, 1e-4, certainty_weight=0.5, new_rows=(NewRows(4, 1.0, 6), NewRows(4, 0.0, 7)),
+                                    seed=4)),
     ),
 }
 

@@ -190,16 +190,19 @@ def run_recipe(name: str, data: str | Path, out: str | Path) -> dict:
 def new_rows_stage(teacher: Path, rows: Path, corpus: Path, tokenizer, folder: Path, r: Recipe,
                    new_rows: tuple[NewRows, ...]) -> dict:
     """A pass's new rows: each `NewRows` set of prompts continued by the teacher's AR tower into
-    `folder/rows-J`, all joined after `rows` into `folder/shards`."""
+    `folder/rows-J`, all joined after `rows` into `folder/shards`. A rerun after a crash keeps the
+    folders already finished (shard folders are published whole, so one that exists is complete)."""
     model = TwoTowerForCausalLM.from_pretrained(teacher)
-    sets = []
-    for j, new in enumerate(new_rows):
+    sets = [folder / f"rows-{j}" for j in range(len(new_rows))]
+    for new, rows_dir in zip(new_rows, sets):
         seed = r.seed + new.seed
-        make_distillation_shards(
-            model, distillation_prompts(corpus, tokenizer, new.count, r.distill_prompt_tokens, new.task_fraction, seed),
-            folder / f"rows-{j}", r.distill_continuation_tokens, batch_size=128, seed=seed)
-        sets.append(folder / f"rows-{j}")
-    return concatenate_shards([rows, *sets], folder / "shards")
+        if not rows_dir.exists():
+            make_distillation_shards(
+                model, distillation_prompts(corpus, tokenizer, new.count, r.distill_prompt_tokens, new.task_fraction,
+                                            seed),
+                rows_dir, r.distill_continuation_tokens, batch_size=128, seed=seed)
+    joined = folder / "shards"
+    return read_meta(joined) if joined.exists() else concatenate_shards([rows, *sets], joined)
 
 
 def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, distill_pass: DistillPass) -> dict:

@@ -14,7 +14,8 @@ from conftest import randomize, tiny_config
 from twotower import TwoTowerForCausalLM
 from twotower.cli import main
 from twotower.data import TokenBatches
-from twotower.distill import DISTILLATION, concatenate_shards, distillation_prompts, make_distillation_shards
+from twotower.distill import DISTILLATION, batch_seed, concatenate_shards, distillation_prompts, make_distillation_shards
+from twotower.params import SamplingParams
 from twotower.tokenizer import train_tokenizer
 from twotower.two_tower import TwoTowerConfig
 
@@ -88,6 +89,38 @@ def test_an_interrupted_run_resumes_to_the_same_shards(setup, tmp_path):
     make_distillation_shards(model, prompts, tmp_path / "resumed", continuation_tokens=6, batch_size=4, seed=1)
     for name in ("train.bin", "heldout.bin", "meta.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_sampled_rows_are_reproducible_from_the_seed_and_resume(setup, tmp_path):
+    corpus, tokenizer, model, _ = setup
+    prompts = distillation_prompts(corpus, tokenizer, 12, 8, seed=0)
+    args = dict(continuation_tokens=6, batch_size=4, heldout_fraction=0.0, seed=3, temperature=1.0)
+    meta = make_distillation_shards(model, prompts, tmp_path / "a", **args)
+    assert meta["decoding"] == "sampled at temperature 1" and meta["heldout_rows"] == 0
+    rows = torch.from_numpy(np.fromfile(tmp_path / "a" / "train.bin", dtype=meta["dtype"]).astype(np.int64))
+    rows = rows.reshape(12, 14)
+    # each batch is generate_ar sampled with its own seed, so the rows are a function of (seed, batch)
+    for start in range(0, 12, 4):
+        expected = model.generate_ar(torch.tensor(prompts[start:start + 4]), max_new_tokens=6,
+                                     sampling=SamplingParams(temperature=1.0, seed=batch_seed(3, start)))
+        assert torch.equal(rows[start:start + 4], expected)
+    greedy = model.generate_ar(torch.tensor(prompts), max_new_tokens=6)
+    assert not torch.equal(rows, greedy)  # sampled, not greedy
+    other = make_distillation_shards(model, prompts, tmp_path / "other", **dict(args, seed=4))
+    assert (tmp_path / "other" / "train.bin").read_bytes() != (tmp_path / "a" / "train.bin").read_bytes()
+    assert other["seed"] == 4
+    # a crash after the first batch: the resumed run samples the same rows as the whole one
+    partial = tmp_path / "resumed.partial"
+    partial.mkdir()
+    (partial / "rows.bin").write_bytes(rows[:4].numpy().astype(np.uint16).tobytes())
+    make_distillation_shards(model, prompts, tmp_path / "resumed", **args)
+    assert (tmp_path / "resumed" / "train.bin").read_bytes() == (tmp_path / "a" / "train.bin").read_bytes()
+    with pytest.raises(ValueError, match="temperature"):
+        make_distillation_shards(model, prompts, tmp_path / "bad", continuation_tokens=6, temperature=-1.0)
+    # a join of greedy and sampled rows lists both decodings
+    make_distillation_shards(model, prompts, tmp_path / "g", **dict(args, temperature=0.0))
+    joined = concatenate_shards([tmp_path / "g", tmp_path / "a"], tmp_path / "ga")
+    assert joined["decoding"] == ["greedy", "sampled at temperature 1"]
 
 
 def test_shard_folders_concatenate_row_for_row(setup, tmp_path):

@@ -4,10 +4,11 @@ Sequence-level knowledge distillation (Kim & Rush 2016) used for parallel decodi
 LLMs (Kou et al. 2024, CLLMs) and dParallel (Chen et al. 2025) do: the denoiser is trained on the
 AR tower's own greedy continuations instead of natural text. Its targets are then a deterministic
 function of the context, which is what confident parallel commits need, and agreement with the AR
-tower is what "quality retained" measures.
+tower is what "quality retained" measures. Continuations may instead be sampled at a temperature
+(`temperature > 0`): more varied contexts, noisier targets (the README's ablation measures both).
 
 Each row holds a prompt of exactly `prompt_tokens` tokens and `continuation_tokens` tokens of the
-AR tower's greedy continuation (not stopped at EOS: after one, AR starts a new text, as in the packed
+AR tower's continuation (greedy unless sampled; not stopped at EOS: after one, AR starts a new text, as in the packed
 pre-training data). With `prompt_tokens` a multiple of the block size, the denoiser's blocks start
 where the prompt ends, as they do in generation; the prompt positions are never masked or scored
 (`objectives.prompt_loss_mask`).
@@ -19,7 +20,8 @@ prompt is the text before it), or right after a task's `=` (earlier tasks before
 (`kind: "distillation"`, `row_tokens`, `prompt_tokens`), so `data.TokenBatches` with
 `seq_len=row_tokens` serves whole rows. Generation is batched, shows a progress bar and resumes:
 rows are appended to a partial file as batches finish, and a rerun continues after the last whole
-batch (the prompts are a pure function of the seed).
+batch (the prompts are a pure function of the seed, and a sampled batch draws from a generator
+seeded with the seed and the batch's first row, so a resumed run samples the same rows).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from .data import read_documents, token_dtype
+from .params import SamplingParams
 from .tasks import make_tasks, task_text
 
 DISTILLATION = "distillation"
@@ -74,9 +77,12 @@ def _last_tokens(tokenizer, text: str, count: int) -> list[int] | None:
 
 @torch.no_grad()
 def make_distillation_shards(model, prompts: list[list[int]], out_dir: str | Path, continuation_tokens: int,
-                             batch_size: int = 64, heldout_fraction: float = 0.02, seed: int = 0) -> dict:
-    """Continue every prompt greedily with the AR tower of `model` and write the rows as shards
-    (see the module docstring). Resumes from `out_dir`.partial; returns the metadata."""
+                             batch_size: int = 64, heldout_fraction: float = 0.02, seed: int = 0,
+                             temperature: float = 0.0) -> dict:
+    """Continue every prompt with the AR tower of `model`, greedily or (`temperature` > 0) sampled,
+    and write the rows as shards (see the module docstring). Resumes from `out_dir`.partial;
+    returns the metadata."""
+    greedy = SamplingParams(temperature=temperature).greedy  # validates the temperature too
     out_dir = new_folder(out_dir)
     lengths = {len(p) for p in prompts}
     if len(lengths) != 1:
@@ -96,7 +102,8 @@ def make_distillation_shards(model, prompts: list[list[int]], out_dir: str | Pat
         starts = range(done, len(prompts), batch_size)
         for start in tqdm(starts, desc="distillation rows", unit=" batches", initial=0, total=len(starts)):
             ids = torch.tensor(prompts[start:start + batch_size])
-            rows = model.generate_ar(ids, max_new_tokens=continuation_tokens)
+            sampling = None if greedy else SamplingParams(temperature=temperature, seed=batch_seed(seed, start))
+            rows = model.generate_ar(ids, max_new_tokens=continuation_tokens, sampling=sampling)
             fh.write(rows.numpy().astype(dtype).tobytes())
             fh.flush()
             os.fsync(fh.fileno())
@@ -108,9 +115,14 @@ def make_distillation_shards(model, prompts: list[list[int]], out_dir: str | Pat
             "row_tokens": row_tokens, "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
             "train_rows": int((~heldout).sum()), "heldout_rows": int(heldout.sum()),
             "train_tokens": int((~heldout).sum()) * row_tokens, "heldout_tokens": int(heldout.sum()) * row_tokens,
-            "decoding": "greedy", "seed": seed}
+            "decoding": "greedy" if greedy else f"sampled at temperature {temperature:g}", "seed": seed}
     rows_file.unlink()
     return publish(partial, out_dir, meta)
+
+
+def batch_seed(seed: int, first_row: int) -> int:
+    """The sampling seed of the batch that starts at row `first_row` (distinct per batch and seed)."""
+    return seed * 1_000_003 + first_row
 
 
 def new_folder(out_dir: str | Path) -> Path:
@@ -156,5 +168,6 @@ def concatenate_shards(sources: list[str | Path], out_dir: str | Path) -> dict:
     for key in ("train_rows", "heldout_rows", "train_tokens", "heldout_tokens"):
         meta[key] = sum(m[key] for m in metas)
     seeds = [m.get("seed") for m in metas]  # a joined folder's seeds are listed, not nested
-    meta.update(decoding=metas[0].get("decoding"), seed=[x for s in seeds for x in (s if isinstance(s, list) else [s])])
+    decodings = sorted({str(m.get("decoding")) for m in metas})
+    meta.update(decoding=decodings[0] if len(decodings) == 1 else decodings, seed=[x for s in seeds for x in (s if isinstance(s, list) else [s])])
     return publish(partial, out_dir, meta)

@@ -200,7 +200,7 @@ def new_rows_stage(teacher: Path, rows: Path, corpus: Path, tokenizer, folder: P
             make_distillation_shards(
                 model, distillation_prompts(corpus, tokenizer, new.count, r.distill_prompt_tokens, new.task_fraction,
                                             seed),
-                rows_dir, r.distill_continuation_tokens, batch_size=128, seed=seed)
+                rows_dir, r.distill_continuation_tokens, batch_size=128, seed=seed, temperature=new.temperature)
     joined = folder / "shards"
     return read_meta(joined) if joined.exists() else concatenate_shards([rows, *sets], joined)
 
@@ -277,7 +277,8 @@ def _pass_text(p: DistillPass) -> str:
         notes.append(f"prefix noise on {p.prefix_noise:.0%} of the rows")
     for new in p.new_rows:
         kind = {1.0: "task-only", 0.0: "story-only"}.get(new.task_fraction, f"{new.task_fraction:.0%} task")
-        notes.append(f"with {new.count} more {kind} rows")
+        decoding = f" sampled at temperature {new.temperature:g}" if new.temperature else ""
+        notes.append(f"with {new.count} more {kind} rows{decoding}")
     return f"{p.steps} steps ({', '.join(notes)})"
 
 

@@ -11,11 +11,13 @@ from typing import NamedTuple
 
 class NewRows(NamedTuple):
     """Distillation rows a pass adds (`recipe.new_rows_stage`): `count` prompts, a `task_fraction`
-    of them exact-answer tasks, continued by the AR tower, drawn with the recipe's seed + `seed`."""
+    of them exact-answer tasks, continued by the AR tower (greedily, or sampled at `temperature`),
+    drawn with the recipe's seed + `seed`."""
 
     count: int
     task_fraction: float
     seed: int
+    temperature: float = 0.0
 
 
 class DistillPass(NamedTuple):
@@ -83,7 +85,7 @@ RECIPES = {
         distill_rows=8, distill_prompt_tokens=4, distill_continuation_tokens=8,
         distill_stages=(DistillPass(3, 3e-4, warmup_frac=0.02),
                         DistillPass(2, 2e-4, prefix_noise=0.5, new_rows=(NewRows(8, 1.0, 5),), seed=2),
-                        DistillPass(2, 1e-4, certainty_weight=0.5, new_rows=(NewRows(4, 1.0, 6), NewRows(4, 0.0, 7)),
+                        DistillPass(2, 1e-4, certainty_weight=0.5, new_rows=(NewRows(4, 1.0, 6), NewRows(4, 0.0, 7, temperature=0.7)),
                                     seed=4)),
     ),
 }

@@ -159,7 +159,7 @@ def test_train_command_on_distillation_rows(setup, tmp_path, capsys):
                              heldout_fraction=0.25, seed=0)
     code = main(["train", "--objective", "diffusion", "--model", str(folder), "--data", str(tmp_path / "shards"),
                  "--out", str(tmp_path / "run"), "--batch-size", "4", "--max-steps", "2",
-                 "--certainty-weight", "0.5", "--prefix-noise", "0.5"])
+                 "--certainty-weight", "0.5", "--prefix-noise", "0.5", "--ar-kl-weight", "1.0"])
     assert code == 0
     trained = TwoTowerForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert trained.config.block_size == 4
@@ -174,3 +174,7 @@ def test_train_command_on_distillation_rows(setup, tmp_path, capsys):
     code = main(["train", "--objective", "diffusion", "--model", str(folder), "--data", str(tmp_path / "shards"),
                  "--out", str(tmp_path / "run4"), "--prefix-noise", "1.5", "--max-steps", "1"])
     assert code == 2 and "--prefix-noise" in capsys.readouterr().err
+    code = main(["train", "--objective", "diffusion", "--model", str(folder), "--data", str(tmp_path / "shards"),
+                 "--out", str(tmp_path / "run5"), "--ar-kl-weight", "-1", "--max-steps", "1"])
+    assert code == 2 and "--ar-kl-weight is a loss weight" in capsys.readouterr().err
+    assert not (tmp_path / "run5").exists()

@@ -12,7 +12,8 @@ from conftest import randomize, tiny_config
 from test_two_tower import build
 from twotower import NemotronHForCausalLM
 from twotower.objectives import (T_EPS, ar_loss, block_causal_mask, certainty_sum, context_block_states, corrupt,
-                                 diffusion_loss, diffusion_loss_by_blocks, prefix_noise, prompt_loss_mask)
+                                 diffusion_loss, diffusion_loss_by_blocks, prefix_noise, prompt_loss_mask,
+                                 teacher_kl_sum)
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +183,37 @@ def test_certainty_weight_adds_the_certainty_of_the_masked_positions(model):
     by_hand = -(probs * probs.log()).sum()
     assert int(count) == 16 and by_hand > 0
     assert abs((forced - plain).item() - 0.7 * by_hand.item()) <= 1e-4
+
+
+def test_teacher_kl_sum_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
+
+    def probs(row):
+        p = [math.exp(x) for x in row]
+        return [x / sum(p) for x in p]
+
+    expected = sum(sum(q * math.log(q / p) for q, p in zip(probs(t), probs(s)))
+                   for t, s in zip(teacher.tolist(), logits.tolist()))
+    assert expected > 0
+    assert abs(teacher_kl_sum(logits, teacher).item() - expected) <= 1e-6
+    assert abs(teacher_kl_sum(teacher, teacher).item()) <= 1e-6  # the same distribution: nothing to learn
+
+
+def test_ar_kl_weight_adds_the_kl_from_the_context_towers_next_token_prediction(model):
+    """Masked positions 0, 3, 5 of row 0 and 2, 7 of row 1: the term is the KL from the context
+    tower's logits at the position before each (the causal LM's own forward), none for position 0."""
+    ids = torch.randint(4, 97, (2, 8), generator=torch.Generator().manual_seed(3))
+    masked = torch.zeros(2, 8, dtype=torch.bool)
+    masked[0, [0, 3, 5]] = True
+    masked[1, [2, 7]] = True
+    t = masked.float().mean(-1)
+    noise = (torch.where(masked, 3, ids), masked, t)
+    with torch.no_grad():
+        plain, count = diffusion_loss(model, ids, 8, noise=noise)
+        with_kl, _ = diffusion_loss(model, ids, 8, noise=noise, ar_kl_weight=0.3)
+        student = model.denoise_block(noise[0], t, model.context_tower.new_cache())  # one block: no context
+        ar = model(ids).logits  # the context tower and its head, causal
+    by_hand = sum(teacher_kl_sum(student[r, i][None], ar[r, i - 1][None]) for r, i in [(0, 3), (0, 5), (1, 2), (1, 7)])
+    assert int(count) == 5 and by_hand > 0
+    assert abs((with_kl - plain).item() - 0.3 * by_hand.item()) <= 1e-4

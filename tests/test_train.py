@@ -149,8 +149,8 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     assert "task accuracy" in card and "diffusion" in card
     # the smoke recipe's second distillation pass has prefix noise and task-only rows, the third certainty forcing and more rows
     assert "prefix noise on 50% of the rows, with 8 more task-only rows" in card
-    assert ("certainty forcing at weight 0.5, with 4 more task-only rows, with 4 more story-only rows sampled at "
-            "temperature 0.7") in card
+    assert ("certainty forcing at weight 0.5, the AR tower's soft targets at weight 1, with 4 more task-only rows, "
+            "with 4 more story-only rows sampled at temperature 0.7") in card
     meta = json.loads((tmp_path / "out" / "distill-3-data" / "shards" / "meta.json").read_text())
     assert meta["seed"] == [0, 5, 6, 7]  # the rows of every pass so far: distill-data, then each pass's new rows
     assert meta["decoding"] == ["greedy", "sampled at temperature 0.7"]

@@ -11,7 +11,8 @@ t; the context tower runs once, causally and without a graph, over the clean seq
 denoiser then runs over all blocks of the noisy sequence at once: block N attends to context
 blocks 0..N-1 and bidirectionally to itself, and its Mamba layers start from the context state
 at the end of block N-1 (zeros for block 0). The loss is the cross-entropy of the clean token at
-every masked position (same position, not shifted), with no 1/t weight.
+every masked position (same position, not shifted), with no 1/t weight. Optional terms:
+certainty forcing (`certainty_sum`) and the AR tower's soft targets (`teacher_kl_sum`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ T_EPS = 1e-3
 
 
 # what the diffusion loss takes besides the clean ids and the block size (the two-tower forward passes them on)
-DIFFUSION_LOSS_ARGUMENTS = ("noise", "generator", "loss_mask", "certainty_weight", "prefix_fraction")
+DIFFUSION_LOSS_ARGUMENTS = ("noise", "generator", "loss_mask", "certainty_weight", "prefix_fraction",
+                            "ar_kl_weight")
 
 IGNORE_INDEX = -100  # transformers' label for positions without a target
 
@@ -110,19 +112,29 @@ def certainty_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return entropy[logits.argmax(-1) == targets].sum()
 
 
+def teacher_kl_sum(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Word-level knowledge distillation (Hinton et al. 2015; Kim & Rush 2016, who combine it with
+    the sequence-level kind): KL(teacher || student) of the two next-token distributions, summed
+    over positions. It carries what the AR tower's greedy tokens alone do not: how sure AR is, and
+    its runners-up. logits, teacher_logits [n, v] -> scalar (float32)."""
+    teacher = teacher_logits.float().log_softmax(-1)
+    return (teacher.exp() * (teacher - logits.float().log_softmax(-1))).sum()
+
+
 @torch.no_grad()
-def context_block_states(model, clean: torch.Tensor, block_size: int):
+def context_block_states(model, clean: torch.Tensor, block_size: int, with_hidden: bool = False):
     """One causal pass of the frozen context tower over clean [b, n].
 
     Returns per layer: (k, v) [b, kv_heads, n, d] for attention, the (conv, ssm) state entering
-    every block [b, blocks, ...] for Mamba, None otherwise."""
+    every block [b, blocks, ...] for Mamba, None otherwise; `with_hidden`: (those, the tower's
+    normed output [b, n, d], from which its head predicts each next token)."""
     tower = model.context_tower
     h = tower.embeddings(clean)
     states = []
     for layer in tower.layers:
         h, state = layer(h, mask=CAUSAL, block_states=block_size)
         states.append(state)
-    return states
+    return (states, tower.norm_f(h)) if with_hidden else states
 
 
 def mamba_by_blocks(layer, h: torch.Tensor, state, modulation, block_size: int) -> torch.Tensor:
@@ -161,34 +173,43 @@ class MaskedDiffusionOutput(ModelOutput):
 
 def diffusion_loss(model, ids: torch.Tensor, block_size: int | None = None,
                    generator: torch.Generator | None = None, noise=None, loss_mask: torch.Tensor | None = None,
-                   certainty_weight: float = 0.0, prefix_fraction: float = 0.0):
+                   certainty_weight: float = 0.0, prefix_fraction: float = 0.0, ar_kl_weight: float = 0.0):
     """Masked-diffusion loss over clean ids [b, n]: (sum of CE at masked positions, #masked),
-    plus `certainty_weight` times `certainty_sum` at those positions.
+    plus `certainty_weight` times `certainty_sum` at those positions, plus `ar_kl_weight` times
+    `teacher_kl_sum` against the context tower's next-token prediction there (from the clean
+    prefix; a row's first position has none and gets no such term).
 
     Runs through `model(..., diffusion_block_size=...)` so that a DDP/FSDP wrapper sees it.
     `noise` = (noisy, masked, t) fixes the corruption; otherwise it is drawn here (`corrupt`, with
     `prefix_fraction` of the rows under prefix noise), never at positions where `loss_mask` is
     False."""
     out = model(ids, diffusion_block_size=block_size or 0, noise=noise, generator=generator,
-                loss_mask=loss_mask, certainty_weight=certainty_weight, prefix_fraction=prefix_fraction)
+                loss_mask=loss_mask, certainty_weight=certainty_weight, prefix_fraction=prefix_fraction,
+                ar_kl_weight=ar_kl_weight)
     return out.masked_loss_sum, out.num_masked
 
 
 def masked_diffusion_output(model, ids: torch.Tensor, block_size: int, generator: torch.Generator | None = None,
                             noise=None, loss_mask: torch.Tensor | None = None, certainty_weight: float = 0.0,
-                            prefix_fraction: float = 0.0) -> MaskedDiffusionOutput:
+                            prefix_fraction: float = 0.0, ar_kl_weight: float = 0.0) -> MaskedDiffusionOutput:
     """The computation behind `diffusion_loss` (block_size 0: the model's)."""
     L = block_size or model.config.block_size
     noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator,
                                                                loss_mask=loss_mask, prefix_fraction=prefix_fraction,
                                                                block_size=L)
-    states = context_block_states(model, ids, L)
+    states, hidden = context_block_states(model, ids, L, with_hidden=True) if ar_kl_weight else \
+        (context_block_states(model, ids, L), None)
     mask = block_causal_mask(ids.shape[1], L, ids.device)
     logits = model.denoise(noisy, t, states, mask, L, positions=masked)
     targets = ids[masked]
     total = F.cross_entropy(logits, targets, reduction="sum")
     if certainty_weight:
         total = total + certainty_weight * certainty_sum(logits, targets)
+    if ar_kl_weight:  # the AR tower predicts position i from position i - 1 (masked positions in row-major order)
+        with torch.no_grad():
+            teacher = model.context_lm_head(hidden[:, :-1][masked[:, 1:]])
+        has_teacher = masked.nonzero()[:, 1] >= 1
+        total = total + ar_kl_weight * teacher_kl_sum(logits[has_teacher], teacher)
     count = masked.sum()
     return MaskedDiffusionOutput(loss=total / count.clamp(min=1), masked_loss_sum=total, num_masked=count)
 

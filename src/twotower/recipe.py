@@ -207,8 +207,8 @@ def new_rows_stage(teacher: Path, rows: Path, corpus: Path, tokenizer, folder: P
 
 def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, distill_pass: DistillPass) -> dict:
     """One pass of masked diffusion on distillation rows (float32 weights, bfloat16 autocast):
-    prompt positions never masked or scored, and the pass's certainty forcing, prefix noise,
-    warmup and seed (the row order and the noise)."""
+    prompt positions never masked or scored, and the pass's certainty forcing, soft targets, prefix
+    noise, warmup and seed (the row order and the noise)."""
     seed = r.seed + distill_pass.seed
     torch.manual_seed(seed)
     model = to_dtype(TwoTowerForCausalLM.from_pretrained(model_dir), torch.float32)
@@ -219,7 +219,8 @@ def distill_stage(model_dir: Path, shards: Path, folder: Path, r: Recipe, distil
 
     def loss_fn(m, batch):
         return diffusion_loss(m, batch, block, loss_mask=prompt_loss_mask(batch, meta["prompt_tokens"]),
-                              certainty_weight=distill_pass.certainty_weight, prefix_fraction=distill_pass.prefix_noise)
+                              certainty_weight=distill_pass.certainty_weight, prefix_fraction=distill_pass.prefix_noise,
+                              ar_kl_weight=distill_pass.ar_kl_weight)
 
     return _train(model, loss_fn, folder, _batches(shards, meta["row_tokens"], r.batch_size, seed), distill_pass.steps,
                   distill_pass.lr, seed, autocast_bf16=True, warmup_frac=distill_pass.warmup_frac, eval_every=600,
@@ -273,6 +274,8 @@ def _pass_text(p: DistillPass) -> str:
     notes = [f"peak lr {p.lr:g}"]
     if p.certainty_weight:
         notes.append(f"certainty forcing at weight {p.certainty_weight:g}")
+    if p.ar_kl_weight:
+        notes.append(f"the AR tower's soft targets at weight {p.ar_kl_weight:g}")
     if p.prefix_noise:
         notes.append(f"prefix noise on {p.prefix_noise:.0%} of the rows")
     for new in p.new_rows:

@@ -28,6 +28,7 @@ class DistillPass(NamedTuple):
     warmup_frac: float = 0.0  # a later pass starts from a trained model
     prefix_noise: float = 0.0  # fraction of rows under prefix noise (`objectives.prefix_noise`)
     certainty_weight: float = 0.0  # certainty forcing (`objectives.certainty_sum`), 0 = off
+    ar_kl_weight: float = 0.0  # the AR tower's soft targets (`objectives.teacher_kl_sum`), 0 = off
     new_rows: tuple = ()  # `NewRows` that join the rows from this pass on
     seed: int = 0  # added to the recipe's seed: the row order and the noise
 
@@ -85,7 +86,7 @@ RECIPES = {
         distill_rows=8, distill_prompt_tokens=4, distill_continuation_tokens=8,
         distill_stages=(DistillPass(3, 3e-4, warmup_frac=0.02),
                         DistillPass(2, 2e-4, prefix_noise=0.5, new_rows=(NewRows(8, 1.0, 5),), seed=2),
-                        DistillPass(2, 1e-4, certainty_weight=0.5, new_rows=(NewRows(4, 1.0, 6), NewRows(4, 0.0, 7, temperature=0.7)),
+                        DistillPass(2, 1e-4, certainty_weight=0.5, ar_kl_weight=1.0, new_rows=(NewRows(4, 1.0, 6), NewRows(4, 0.0, 7, temperature=0.7)),
                                     seed=4)),
     ),
 }

@@ -36,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--block-size", type=int, default=None, help="diffusion block size (default: the model's)")
     p.add_argument("--certainty-weight", type=float, default=0.0,
                    help="diffusion: weight of certainty forcing (entropy of right predictions), 0 = off")
+    p.add_argument("--ar-kl-weight", type=float, default=0.0,
+                   help="diffusion: weight of the KL from the AR tower's next-token distribution at masked "
+                        "positions (word-level distillation), 0 = off")
     p.add_argument("--prefix-noise", type=float, default=0.0, metavar="FRACTION",
                    help="diffusion: the fraction of rows noised as decoding meets a block (a clean prefix, the "
                         "rest masked) instead of uniformly, 0 = off")
@@ -72,6 +75,9 @@ def build(args, prompt_tokens: int = 0):
         raise ValueError(f"--block-size must be >= 1, got {block}")
     if args.seq_len < block:
         raise ValueError(f"--seq-len ({args.seq_len}) is below the block size ({block}): no block would be whole")
+    for flag, weight in (("--certainty-weight", args.certainty_weight), ("--ar-kl-weight", args.ar_kl_weight)):
+        if not weight >= 0:
+            raise ValueError(f"{flag} is a loss weight, >= 0; got {weight}")
     if not 0 <= args.prefix_noise <= 1:
         raise ValueError(f"--prefix-noise is a fraction of rows, in [0, 1]; got {args.prefix_noise}")
     if prompt_tokens % block:
@@ -82,7 +88,7 @@ def build(args, prompt_tokens: int = 0):
     def loss_fn(m, batch):
         mask = prompt_loss_mask(batch, prompt_tokens) if prompt_tokens else None
         return diffusion_loss(m, batch, block, loss_mask=mask, certainty_weight=args.certainty_weight,
-                              prefix_fraction=args.prefix_noise)
+                              prefix_fraction=args.prefix_noise, ar_kl_weight=args.ar_kl_weight)
 
     return model, loss_fn
 

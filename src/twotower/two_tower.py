@@ -237,7 +237,7 @@ class TwoTowerForCausalLM(NemotronHPreTrainedModel, GenerationMixin):
 
         With `diffusion_block_size` (0: the config's `block_size`): the masked-diffusion training
         loss of the clean `input_ids` [b, n] (see `twotower.objectives.diffusion_loss`, whose
-        `noise`, `generator`, `loss_mask`, `certainty_weight` and `prefix_fraction` it takes), as a
+        `noise`, `generator`, `loss_mask`, `certainty_weight`, `prefix_fraction` and `ar_kl_weight` it takes), as a
         `MaskedDiffusionOutput`. Going through forward lets DDP/FSDP wrappers see the training step."""
         if diffusion_block_size is not None:
             own = {k: kwargs.pop(k) for k in DIFFUSION_LOSS_ARGUMENTS if k in kwargs}

@@ -31,6 +31,12 @@ def test_the_embedded_model_is_complete_and_small():
     assert {dtypes[key] for key in dtypes.keys() - kept} == {"BF16"}
     card = (DEFAULT_MODEL_DIR / "README.md").read_text()
     assert "TinyStories" in card and "perplexity" in card
+    # the card is the tiny recipe's: its passes and the alternatives they were measured against
+    from twotower.recipe import _pass_text
+    from twotower.recipes import RECIPES
+    tiny = RECIPES["tiny"]
+    assert " + ".join(_pass_text(p) for p in tiny.distill_stages) in card
+    assert "## Choices measured" in card and tiny.choices in card
 
 
 def test_load_default_generates_in_every_mode():

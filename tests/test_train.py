@@ -147,6 +147,7 @@ def test_recipe_runs_every_stage_on_a_tiny_corpus(tmp_path, capsys):
     card = (final / "README.md").read_text()
     assert (final / "heldout" / "tasks.jsonl").exists() and (final / "heldout" / "stories.jsonl").exists()
     assert "task accuracy" in card and "diffusion" in card
+    assert "Choices measured" not in card  # the smoke recipe has no measured alternatives to show
     # the smoke recipe's second distillation pass has prefix noise and task-only rows, the third certainty forcing and more rows
     assert "prefix noise on 50% of the rows, with 8 more task-only rows" in card
     assert ("certainty forcing at weight 0.5, the AR tower's soft targets at weight 1, with 4 more task-only rows, "

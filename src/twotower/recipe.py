@@ -323,4 +323,11 @@ held-out tasks. Diffusion at threshold 0.8, block 16, 16 steps per block; batch 
 | mode | continuation perplexity | task accuracy | tokens per denoiser forward | tokens/s |
 |---|---|---|---|---|
 {rows}
-"""
+""" + ("" if not r.choices else f"""
+## Choices measured
+
+Each distillation setting against the alternatives tried (the denoiser after each pass, or a
+pass run another way); quality retained is relative to the AR tower, the mean over task kinds
+and stories of each ratio capped at 1.
+
+{r.choices}""")

@@ -83,6 +83,8 @@ TINY_CHOICES = """\
 | the same with 24,000 story-only rows too | 2.59 | 1.16x | 76.9% | 4.51 | 1.76x | 58.7% | 69.5% |
 | the last pass's rows sampled at temperature 0.5 | 2.42 | 0.98x | 60.9% | 4.38 | 1.64x | 56.8% | 62.2% |
 | the last pass plus the AR tower's soft targets | 1.40 | 0.61x | 67.2% | 2.84 | 1.17x | 72.4% | 70.5% |
+| instead of the last pass, 1,000 steps at 5e-5 on the rows before it, certainty 0.25 | 2.42 | 1.05x | 82.2% | 4.49 | 1.81x | 63.1% | 74.5% |
+| the same with certainty 0.5 | 2.58 | 1.09x | 75.8% | 4.74 | 1.84x | 61.4% | 72.4% |
 """
 
 

@@ -168,6 +168,7 @@ def concatenate_shards(sources: list[str | Path], out_dir: str | Path) -> dict:
     for key in ("train_rows", "heldout_rows", "train_tokens", "heldout_tokens"):
         meta[key] = sum(m[key] for m in metas)
     seeds = [m.get("seed") for m in metas]  # a joined folder's seeds are listed, not nested
-    decodings = sorted({str(m.get("decoding")) for m in metas})
-    meta.update(decoding=decodings[0] if len(decodings) == 1 else decodings, seed=[x for s in seeds for x in (s if isinstance(s, list) else [s])])
+    decodings = sorted({str(m.get("decoding")) for m in metas})  # one, or the kinds joined
+    meta.update(decoding=decodings[0] if len(decodings) == 1 else decodings,
+                seed=[x for s in seeds for x in (s if isinstance(s, list) else [s])])
     return publish(partial, out_dir, meta)

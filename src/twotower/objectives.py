@@ -197,8 +197,10 @@ def masked_diffusion_output(model, ids: torch.Tensor, block_size: int, generator
     noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator,
                                                                loss_mask=loss_mask, prefix_fraction=prefix_fraction,
                                                                block_size=L)
-    states, hidden = context_block_states(model, ids, L, with_hidden=True) if ar_kl_weight else \
-        (context_block_states(model, ids, L), None)
+    if ar_kl_weight:
+        states, hidden = context_block_states(model, ids, L, with_hidden=True)
+    else:
+        states = context_block_states(model, ids, L)
     mask = block_causal_mask(ids.shape[1], L, ids.device)
     logits = model.denoise(noisy, t, states, mask, L, positions=masked)
     targets = ids[masked]

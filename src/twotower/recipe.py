@@ -297,6 +297,14 @@ def model_card(r: Recipe, params: int, corpus: dict, numbers: dict) -> str:
         f"{r.distill_continuation_tokens} tokens, and masked diffusion on those rows in passes of "
         f"{' + '.join(_pass_text(p) for p in r.distill_stages)} "
         f"(batch {r.batch_size}, bfloat16 autocast, prompts never masked)")
+    choices = "" if not r.choices else f"""
+## Choices measured
+
+Each distillation setting against the alternatives tried (the denoiser after each pass, or a
+pass run another way); quality retained is relative to the AR tower, the mean over task kinds
+and stories of each ratio capped at 1.
+
+{r.choices}"""
     return f"""# twotower default model
 
 A small Nemotron-Labs-TwoTower model made by `twotower recipe` on a 2-core CPU, shipped so that
@@ -323,11 +331,4 @@ held-out tasks. Diffusion at threshold 0.8, block 16, 16 steps per block; batch 
 | mode | continuation perplexity | task accuracy | tokens per denoiser forward | tokens/s |
 |---|---|---|---|---|
 {rows}
-""" + ("" if not r.choices else f"""
-## Choices measured
-
-Each distillation setting against the alternatives tried (the denoiser after each pass, or a
-pass run another way); quality retained is relative to the AR tower, the mean over task kinds
-and stories of each ratio capped at 1.
-
-{r.choices}""")
+{choices}"""

@@ -109,8 +109,8 @@ RECIPES = {
         distill_rows=8, distill_prompt_tokens=4, distill_continuation_tokens=8,
         distill_stages=(DistillPass(3, 3e-4, warmup_frac=0.02),
                         DistillPass(2, 2e-4, prefix_noise=0.5, new_rows=(NewRows(8, 1.0, 5),), seed=2),
-                        DistillPass(2, 1e-4, certainty_weight=0.5, ar_kl_weight=1.0, new_rows=(NewRows(4, 1.0, 6), NewRows(4, 0.0, 7, temperature=0.7)),
-                                    seed=4)),
+                        DistillPass(2, 1e-4, certainty_weight=0.5, ar_kl_weight=1.0,
+                                    new_rows=(NewRows(4, 1.0, 6), NewRows(4, 0.0, 7, temperature=0.7)), seed=4)),
     ),
 }
 

@@ -72,6 +72,9 @@ def test_quick_run_writes_json_plot_and_table(model_dir, tmp_path, capsys):
     for row in speculative:  # AR's tokens, so AR's quality, and drafts were accepted
         assert row["quality_retained"] == 1.0 and row["task_accuracy"] == ar["task_accuracy"]
         assert 0 < row["acceptance_rate"] <= 1 and row["tokens_per_round"] > 1
+        by_position = row["acceptance_by_position"]  # conditional rates, one per draft position
+        assert 1 <= len(by_position) < row["block_size"] and all(0 <= p <= 1 for p in by_position)
+    assert all(r["acceptance_by_position"] is None for r in rows if r["mode"] != "speculative")
     assert report["headline"] == next(r for r in rows if (r["block_size"], r["confidence_threshold"]) == (16, 0.8))
     assert files["bench.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = files["bench.md"].read_text()

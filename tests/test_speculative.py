@@ -15,8 +15,8 @@ from scipy.stats import chi2
 from conftest import randomize, tiny_config
 from test_two_tower import build
 from twotower import NemotronHForCausalLM, load_default
-from twotower.evaluate import left_pad
-from twotower.generation import GenerationStats, RowStreamer, StopGeneration, through_eos
+from twotower.evaluate import add_counts, left_pad
+from twotower.generation import GenerationStats, RowStreamer, StopGeneration, acceptance_counts, through_eos
 from twotower.modes import get_mode, run_mode
 from twotower.params import SamplingParams
 from twotower.sampler import token_probs
@@ -211,6 +211,20 @@ def test_sampled_continuations_are_distributed_as_ar(sampling, draft_steps):
 
 # ---------------------------------------------------------------- statistics, streaming, callbacks
 
+def test_acceptance_counts_by_hand():
+    """Rounds as (drafted, accepted): a draft position is reached when the drafts before it were all
+    accepted and it was drafted; lists from several calls add up position by position."""
+    reached, accepted = acceptance_counts([(3, 0), (3, 2), (3, 3), (1, 1), (0, 0)])
+    # position 1: all four rounds that drafted one; 2: the rounds that accepted draft 1 and drafted a
+    # second, (3, 2) and (3, 3); 3: the same two; accepted there: only (3, 3)
+    assert (reached, accepted) == ([4, 2, 2], [3, 2, 1])
+    assert acceptance_counts([]) == ([], [])
+    assert add_counts((reached, accepted), ([1], [0])) == ([5, 2, 2], [3, 2, 1])
+    assert add_counts(None, ([1], [0])) == ([1], [0])
+    with pytest.raises(ValueError, match="accepts 0 to 2"):
+        acceptance_counts([(2, 3)])
+
+
 def test_statistics_callback_and_lockstep_streaming():
     """Counts against hooks and the step callback; a RowStreamer gets each row's own tokens through
     its EOS although rows of a round commit different numbers; the call can end early."""
@@ -236,6 +250,10 @@ def test_statistics_callback_and_lockstep_streaming():
         assert through_eos(got[row], eos)[0] == through_eos(new[row], eos)[0]
         r = stats.speculation[row]
         assert 0 <= r.accepted <= r.drafted <= 4 * r.rounds  # at most block_size - 1 drafts a round
+        assert len(r.drafted_per_round) == r.rounds and all(d <= 4 for d in r.drafted_per_round)
+    reached, accepted = stats.acceptance_counts  # every accepted draft counted once, at its position
+    assert sum(accepted) == stats.accepted_tokens and reached[0] <= stats.rounds
+    assert all(a <= r for a, r in zip(accepted, reached)) and reached == sorted(reached, reverse=True)
     assert stats.rounds == sum(r.rounds for r in stats.speculation) > 0
     assert stats.tokens_per_round == pytest.approx((stats.accepted_tokens + stats.rounds) / stats.rounds)
     assert stats.generated_tokens == sum(len(through_eos(row, eos)[0]) for row in new)

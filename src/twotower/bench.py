@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .choices import BLOCK_SIZES, DRAFT_STEPS, MAX_NEW_TOKENS, TASK_NEW_TOKENS, THRESHOLDS
 from .compiled import is_compiled
-from .evaluate import run_generation, story_quality, task_accuracy
+from .evaluate import add_counts, run_generation, story_quality, task_accuracy
 from .modes import MODES, get_mode
 from .tasks import Task, make_tasks
 
@@ -138,6 +138,7 @@ def run_bench(model, tokenizer, stories: list[str], tasks: list[Task], settings:
     totals = {s: dict(generated_tokens=0, denoiser_forwards=0, context_forwards=0, wall_time=0.0, drafted_tokens=0,
                       accepted_tokens=0, rounds=0) for s in settings}
     latencies = {s: [] for s in settings}
+    counts = dict.fromkeys(settings)
     with tqdm(total=len(batches) * len(settings), desc="bench", unit="run", disable=not progress) as bar:
         for i, (kind, prompts) in enumerate(batches):
             turn = i % len(settings)
@@ -148,12 +149,15 @@ def run_bench(model, tokenizer, stories: list[str], tasks: list[Task], settings:
                 outputs[s][kind].extend(generated)
                 for key in totals[s]:
                     totals[s][key] += t[key]
+                counts[s] = add_counts(counts[s], t["acceptance_counts"])
                 latencies[s].append(t["first_block_latency"])
                 bar.update()
     rows = [_measurements(model, tokenizer, s, stories, tasks, outputs[s], totals[s], latencies[s])
             for s in settings]
     ar = rows[settings.index(Setting("ar"))]
-    for row in rows:
+    for row, s in zip(rows, settings):
+        reached, accepted = counts[s]  # `reached` only falls along the block: the zeros end it
+        row["acceptance_by_position"] = [a / r for a, r in zip(accepted, reached) if r] or None
         row["speedup_vs_ar"] = row["tokens_per_second"] / ar["tokens_per_second"]
         row["quality_retained"] = quality_retained(row, ar)
     return rows, {s: outputs[s]["stories"] + outputs[s]["tasks"] for s in settings}

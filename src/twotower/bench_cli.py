@@ -89,6 +89,9 @@ def run(args) -> int:
         print(f"fastest speculative (block {fastest['block_size']}, {fastest['draft_steps']} draft steps): "
               f"{fastest['speedup_vs_ar']:.2f}x AR's tokens/s, {fastest['acceptance_rate'] or 0:.1%} of drafts "
               f"accepted, {fastest['tokens_per_round']:.2f} tokens per round")
+        if fastest["acceptance_by_position"]:
+            print("  draft k agrees with AR, given the drafts before it did: "
+                  + " ".join(f"{k}:{p:.0%}" for k, p in enumerate(fastest["acceptance_by_position"], 1)))
     if args.json:
         ran_in = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")  # as loaded, not as asked
         report = {"model": str(model_dir), "compiled": args.compile, "dtype": ran_in,

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from itertools import zip_longest
 import time
 
 import torch
@@ -94,9 +95,17 @@ def run_generation(model, tokenizer, prompts: list[str], mode: str, max_new_toke
         outputs += [through_eos(row, eos)[0] for row in out.sequences[:, ids.shape[1]:].tolist()]
         for key in counted:
             totals[key] += getattr(out.stats, key)
+        totals["acceptance_counts"] = add_counts(totals.get("acceptance_counts"), out.stats.acceptance_counts)
         totals["wall_time"] += elapsed
         totals.setdefault("first_block_latency", out.stats.first_block_latency)
     return outputs, totals
+
+
+def add_counts(a: tuple[list[int], ...] | None, b: tuple[list[int], ...] | None) -> tuple[list[int], ...] | None:
+    """Per-position counts (as `GenerationStats.acceptance_counts`) added position by position."""
+    if a is None or b is None:
+        return b if a is None else a
+    return tuple([x + y for x, y in zip_longest(u, v, fillvalue=0)] for u, v in zip(a, b))
 
 
 def story_quality(model, tokenizer, prompts: list[str], generated: list[list[int]]) -> float:
@@ -115,4 +124,4 @@ def task_accuracy(tokenizer, tasks, generated: list[list[int]]) -> float:
 
 
 __all__ = ["ar_parts", "token_scores", "token_logprobs", "continuation_nll", "perplexity",
-           "left_pad", "run_generation", "story_quality", "task_accuracy"]
+           "left_pad", "run_generation", "add_counts", "story_quality", "task_accuracy"]

@@ -19,8 +19,12 @@ class RowSpeculation:
     """One row's draft-and-verify rounds in speculative decoding: every round commits the
     accepted drafted tokens and one token of the AR tower's."""
 
-    drafted: int = 0  # tokens the denoiser proposed
+    drafted_per_round: list[int] = field(default_factory=list)  # tokens the denoiser proposed, per round
     accepted_per_round: list[int] = field(default_factory=list)  # of those, accepted, per round
+
+    @property
+    def drafted(self) -> int:
+        return sum(self.drafted_per_round)
 
     @property
     def accepted(self) -> int:
@@ -34,6 +38,25 @@ class RowSpeculation:
     def tokens_per_round(self) -> float:
         """Tokens a round commits: the accepted drafts and the AR tower's own token."""
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+
+def acceptance_counts(rounds) -> tuple[list[int], list[int]]:
+    """How far into a block drafts agree with AR, from rounds given as (drafted, accepted) pairs.
+
+    Returns (reached, accepted), lists over draft positions k = 1, 2, ...: reached[k-1] counts the
+    rounds that proposed a k-th draft after accepting the k-1 before it, accepted[k-1] those that
+    accepted it too; accepted[k-1] / reached[k-1] is the chance that draft k agrees with AR given
+    that the drafts before it did. Lists from several calls add up position by position."""
+    rounds = list(rounds)
+    length = max((d for d, _ in rounds), default=0)
+    reached, accepted = [0] * length, [0] * length
+    for drafted, kept in rounds:
+        if not 0 <= kept <= drafted:
+            raise ValueError(f"a round accepts 0 to {drafted} drafts, got {kept}")
+        for k in range(min(kept + 1, drafted)):
+            reached[k] += 1
+            accepted[k] += k < kept
+    return reached, accepted
 
 
 @dataclass
@@ -60,6 +83,12 @@ class GenerationStats:
     @property
     def accepted_tokens(self) -> int:
         return sum(r.accepted for r in self.speculation)
+
+    @property
+    def acceptance_counts(self) -> tuple[list[int], list[int]]:
+        """`acceptance_counts` over every row's rounds."""
+        return acceptance_counts(zip((d for r in self.speculation for d in r.drafted_per_round),
+                                     (a for r in self.speculation for a in r.accepted_per_round)))
 
     @property
     def rounds(self) -> int:

@@ -243,7 +243,7 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 1
             context.keep_prefixes(kept)
         rows.keep_prefixes(block, kept, run.pad_token_id)
         for r, k in zip(rows.index.tolist(), kept.tolist()):
-            stats.speculation[r].drafted += useful - 1
+            stats.speculation[r].drafted_per_round.append(useful - 1)
             stats.speculation[r].accepted_per_round.append(min(k, useful) - 1)
         done.add(rows.index, [block[i, 1:k].tolist() + [int(pending[i])] for i, k in enumerate(kept.tolist())])
         round_index += 1

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import math
-from itertools import zip_longest
 import time
+from itertools import zip_longest
 
 import torch
 import torch.nn.functional as F

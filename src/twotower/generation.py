@@ -87,8 +87,8 @@ class GenerationStats:
     @property
     def acceptance_counts(self) -> tuple[list[int], list[int]]:
         """`acceptance_counts` over every row's rounds."""
-        return acceptance_counts(zip((d for r in self.speculation for d in r.drafted_per_round),
-                                     (a for r in self.speculation for a in r.accepted_per_round)))
+        return acceptance_counts(pair for r in self.speculation
+                                 for pair in zip(r.drafted_per_round, r.accepted_per_round))
 
     @property
     def rounds(self) -> int:

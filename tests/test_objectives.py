@@ -34,7 +34,7 @@ def test_vectorised_loss_equals_block_by_block_inference_path(model, n, block_si
 
 def test_context_block_states_equal_the_cache_at_each_boundary(model):
     ids = torch.randint(4, 97, (2, 13), generator=torch.Generator().manual_seed(0))
-    states = context_block_states(model, ids, 4)
+    states, _ = context_block_states(model, ids, 4)
     for blk, start in enumerate(range(0, 13, 4)):
         cache = model.encode_context(ids[:, :start]) if start else None
         for i, layer in enumerate(model.context_tower.layers):
@@ -62,7 +62,7 @@ def test_gradients_reach_only_the_denoiser_side(model):
         grads = {k: p.grad for k, p in getattr(model, name).named_parameters() if ".experts." not in k}
         assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), name
     assert any(p.grad is not None for k, p in model.denoiser_tower.named_parameters() if ".experts." in k)
-    states = context_block_states(model, ids, 4)
+    states, _ = context_block_states(model, ids, 4)
     assert not any(t.requires_grad for s in states if s is not None for t in s)
 
 

@@ -122,19 +122,19 @@ def teacher_kl_sum(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def context_block_states(model, clean: torch.Tensor, block_size: int, with_hidden: bool = False):
+def context_block_states(model, clean: torch.Tensor, block_size: int):
     """One causal pass of the frozen context tower over clean [b, n].
 
-    Returns per layer: (k, v) [b, kv_heads, n, d] for attention, the (conv, ssm) state entering
-    every block [b, blocks, ...] for Mamba, None otherwise; `with_hidden`: (those, the tower's
-    normed output [b, n, d], from which its head predicts each next token)."""
+    Returns (states, hidden): per layer, (k, v) [b, kv_heads, n, d] for attention, the (conv, ssm)
+    state entering every block [b, blocks, ...] for Mamba, None otherwise; and the tower's normed
+    output [b, n, d], from which its head predicts each next token."""
     tower = model.context_tower
     h = tower.embeddings(clean)
     states = []
     for layer in tower.layers:
         h, state = layer(h, mask=CAUSAL, block_states=block_size)
         states.append(state)
-    return (states, tower.norm_f(h)) if with_hidden else states
+    return states, tower.norm_f(h)
 
 
 def mamba_by_blocks(layer, h: torch.Tensor, state, modulation, block_size: int) -> torch.Tensor:
@@ -197,10 +197,7 @@ def masked_diffusion_output(model, ids: torch.Tensor, block_size: int, generator
     noisy, masked, t = noise if noise is not None else corrupt(ids, model.config.mask_token_id, generator,
                                                                loss_mask=loss_mask, prefix_fraction=prefix_fraction,
                                                                block_size=L)
-    if ar_kl_weight:
-        states, hidden = context_block_states(model, ids, L, with_hidden=True)
-    else:
-        states = context_block_states(model, ids, L)
+    states, hidden = context_block_states(model, ids, L)
     mask = block_causal_mask(ids.shape[1], L, ids.device)
     logits = model.denoise(noisy, t, states, mask, L, positions=masked)
     targets = ids[masked]
